@@ -1,0 +1,17 @@
+"""Pure tensor functions: no modules, no config."""
+
+from .lightning import (
+    alibi_slopes,
+    decay_rates,
+    lightning_attn,
+    lightning_attn_naive,
+    lightning_attn_recurrent,
+)
+
+__all__ = [
+    "alibi_slopes",
+    "decay_rates",
+    "lightning_attn",
+    "lightning_attn_naive",
+    "lightning_attn_recurrent",
+]

@@ -1,0 +1,18 @@
+"""Lightning attention: causal linear attention with per-head exponential decay.
+
+`lightning_attn` is the fast tiled op; `lightning_attn_naive` (quadratic) and
+`lightning_attn_recurrent` (token loop, also the decode step) are its references.
+"""
+
+from .api import lightning_attn
+from .decay import alibi_slopes, decay_rates
+from .naive import lightning_attn_naive
+from .recurrent import lightning_attn_recurrent
+
+__all__ = [
+    "alibi_slopes",
+    "decay_rates",
+    "lightning_attn",
+    "lightning_attn_naive",
+    "lightning_attn_recurrent",
+]

@@ -1,0 +1,87 @@
+"""`lightning_attn`: the public op. Checks inputs, fills defaults, picks a backend.
+
+# B batch, T tokens, H heads, K/V head dims, C block, N sequences
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+from torch import Tensor
+
+from ._inputs import check_inputs
+from .chunk import LightningChunkFn, make_plan
+
+logger = logging.getLogger(__name__)
+
+BACKENDS = ("auto", "torch")
+
+# Tokens per group of blocks processed together: large enough that the batched matmuls
+# amortise Python overhead, small enough that a group's [G, H, C, C] scores stay cheap.
+_GROUP_TOKENS = 4096
+
+
+def default_block_size(head_dim: int) -> int:
+    """Block size C for head dim K (see README: chosen by `lightlong bench blocks`)."""
+    return 64 if head_dim <= 128 else 128
+
+
+def lightning_attn(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    decay: Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+    block_size: int | None = None,
+    backend: str = "auto",
+) -> tuple[Tensor, Tensor | None]:
+    """Causal linear attention with per-head exponential decay, computed in blocks.
+
+        S_t = λ_h S_{t−1} + k_tᵀ v_t,   o_t = scale · q_t S_t,   λ_h = exp(−decay[h])
+
+    Args:
+        q, k: [B, T, H, K]; v: [B, T, H, V]; float16, bfloat16, float32 or float64.
+        decay: [H] rates s_h >= 0 (0 is plain linear attention); not differentiated.
+        scale: None means K**-0.5 (MiniMax's layers pass 1.0).
+        initial_state: [N, H, K, V], the state before each sequence's first token.
+        output_final_state: also return each sequence's state after its last token.
+        cu_seqlens: int64 [N + 1] offsets of sequences packed along T, with B == 1.
+        block_size: tokens per block C; None picks one for the head dim.
+        backend: "auto" or "torch" (the tiled torch path, any device).
+
+    Returns:
+        o [B, T, H, V] in q's dtype; final_state [N, H, K, V] float32 (float64 for float64
+        inputs) or None. N is B, or the number of packed sequences. Accumulation is float32.
+    """
+    args = check_inputs(q, k, v, decay, scale, initial_state, cu_seqlens)
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        logger.debug("lightning_attn: backend 'auto' -> 'torch' on %s", q.device)
+    if decay.requires_grad and torch.is_grad_enabled():
+        raise ValueError("decay must not require grad: the op treats decay rates as constants")
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if block_size is None:
+        block_size = default_block_size(K)
+    elif not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
+
+    plan = make_plan(
+        args.offsets, decay, block_size, max(1, _GROUP_TOKENS // block_size), args.state_dtype
+    )
+    o, final = LightningChunkFn.apply(
+        q.reshape(B * T, H, K),
+        k.reshape(B * T, H, K),
+        v.reshape(B * T, H, V),
+        initial_state,
+        args.scale,
+        plan,
+        args.num_seqs,
+    )
+    return o.view(B, T, H, V), (final if output_final_state else None)

@@ -1,0 +1,74 @@
+"""The token-by-token recurrence, and the O(1)-per-token decode step.
+
+    S_t = λ · S_{t−1} + k_tᵀ v_t,    o_t = scale · q_t S_t      (λ = exp(−s) per head)
+
+The state is kept in float32 (float64 for float64 inputs) whatever the inputs' dtype.
+Differentiable through autograd; a reference for the tiled form, built on a different
+algorithm so that the two cannot share a mistake.
+
+# B batch, T tokens, H heads, K/V head dims, N sequences, S state [N, H, K, V]
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from ._inputs import check_inputs
+
+
+def _recur(q: Tensor, k: Tensor, v: Tensor, lam: Tensor, scale: float, S: Tensor):
+    """q, k [R, T, H, K]; v [R, T, H, V]; lam [H]; S [R, H, K, V] -> o [R, T, H, V], S."""
+    dt = S.dtype
+    lam_H11 = lam[:, None, None]
+    outs = []
+    for t in range(q.shape[1]):
+        kv_RHKV = torch.einsum("rhk,rhv->rhkv", k[:, t].to(dt), v[:, t].to(dt))
+        S = lam_H11 * S + kv_RHKV
+        outs.append(torch.einsum("rhk,rhkv->rhv", q[:, t].to(dt), S) * scale)
+    o = torch.stack(outs, dim=1) if outs else q.new_zeros(*q.shape[:3], v.shape[-1])
+    return o.to(q.dtype), S
+
+
+def lightning_attn_recurrent(
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    decay: Tensor,
+    *,
+    scale: float | None = None,
+    initial_state: Tensor | None = None,
+    output_final_state: bool = False,
+    cu_seqlens: Tensor | None = None,
+) -> tuple[Tensor, Tensor | None]:
+    """Lightning attention as a recurrence over tokens; T = 1 with a state is a decode step.
+
+    Args:
+        q, k: [B, T, H, K]; v: [B, T, H, V]; decay: [H] rates s_h >= 0.
+        scale: None means K**-0.5.
+        initial_state: [N, H, K, V]; None starts from zeros.
+        output_final_state: also return each sequence's final state.
+        cu_seqlens: int64 [N + 1] offsets of packed sequences, with B == 1.
+
+    Returns:
+        o [B, T, H, V] in q's dtype, and final_state [N, H, K, V] (float32; float64 for
+        float64 inputs) or None.
+    """
+    args = check_inputs(q, k, v, decay, scale, initial_state, cu_seqlens)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    lam = torch.exp(-decay.to(args.state_dtype))
+    if initial_state is None:
+        state = q.new_zeros((args.num_seqs, H, K, V), dtype=args.state_dtype)
+    else:
+        state = initial_state.to(args.state_dtype)
+    if cu_seqlens is None:
+        o, final = _recur(q, k, v, lam, args.scale, state)
+    else:
+        outs, finals = [], []
+        for n, (a, b) in enumerate(zip(args.offsets[:-1], args.offsets[1:], strict=True)):
+            o_n, s_n = _recur(q[:, a:b], k[:, a:b], v[:, a:b], lam, args.scale, state[n : n + 1])
+            outs.append(o_n)
+            finals.append(s_n)
+        o, final = torch.cat(outs, dim=1), torch.cat(finals)
+    return o, (final if output_final_state else None)
