@@ -51,7 +51,9 @@ def check_inputs(
         if x.dtype not in _FLOAT_DTYPES:
             raise ValueError(f"{name} must be float16, bfloat16, float32 or float64, got {x.dtype}")
     if k.shape != q.shape:
-        raise ValueError(f"k must have q's shape {tuple(q.shape)} [B, T, H, K], got {tuple(k.shape)}")
+        raise ValueError(
+            f"k must have q's shape {tuple(q.shape)} [B, T, H, K], got {tuple(k.shape)}"
+        )
     if v.shape[:3] != q.shape[:3]:
         raise ValueError(
             f"v must be [B, T, H, V] with B, T, H = {tuple(q.shape[:3])} as in q, got {tuple(v.shape)}"

@@ -17,9 +17,10 @@ logger = logging.getLogger(__name__)
 
 BACKENDS = ("auto", "torch")
 
-# Tokens per group of blocks processed together: large enough that the batched matmuls
-# amortise Python overhead, small enough that a group's [G, H, C, C] scores stay cheap.
-_GROUP_TOKENS = 4096
+# Bytes of q, k, v per group of blocks processed together: small enough that a group's
+# working set stays in the CPU's caches (measured: 8 MiB is ~1.4x faster than 32 MiB at
+# H=8, K=V=128 on a 2-core Xeon), large enough that Python overhead per group is noise.
+_GROUP_BYTES = 8 * 2**20
 
 
 def default_block_size(head_dim: int) -> int:
@@ -72,15 +73,13 @@ def lightning_attn(
     elif not isinstance(block_size, int) or block_size < 1:
         raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
 
-    plan = make_plan(
-        args.offsets, decay, block_size, max(1, _GROUP_TOKENS // block_size), args.state_dtype
-    )
+    group = max(1, _GROUP_BYTES // (4 * H * (2 * K + V) * block_size))
+    plan = make_plan(args.offsets, decay, args.scale, block_size, group, args.state_dtype)
     o, final = LightningChunkFn.apply(
         q.reshape(B * T, H, K),
         k.reshape(B * T, H, K),
         v.reshape(B * T, H, V),
         initial_state,
-        args.scale,
         plan,
         args.num_seqs,
     )

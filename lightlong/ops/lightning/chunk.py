@@ -59,12 +59,17 @@ class _Plan:
     first: list[bool]  # [M] block opens its sequence
     last: list[bool]  # [M] block closes its sequence
     groups: list[_Group]
-    D_HCC: Tensor  # intra-block decay mask
-    a_1HC1: Tensor  # query decay of the inter term
+    D_HCC: Tensor  # intra-block decay mask, times scale
+    a_1HC1: Tensor  # query decay of the inter term, times scale
 
 
-def make_plan(offsets: list[int], s: Tensor, C: int, G: int, dtype: torch.dtype) -> _Plan:
-    """Blocks each sequence [offsets[n], offsets[n+1]) by C, then groups blocks by G."""
+def make_plan(
+    offsets: list[int], s: Tensor, scale: float, C: int, G: int, dtype: torch.dtype
+) -> _Plan:
+    """Blocks each sequence [offsets[n], offsets[n+1]) by C, then groups blocks by G.
+
+    The attention scale is folded into D and a, the two tables every output term uses.
+    """
     device = s.device
     start, length, seq = [], [], []
     for n, (a, b) in enumerate(zip(offsets[:-1], offsets[1:], strict=True)):
@@ -77,12 +82,22 @@ def make_plan(offsets: list[int], s: Tensor, C: int, G: int, dtype: torch.dtype)
     last = [m == M - 1 or seq[m + 1] != seq[m] for m in range(M)]
 
     s = s.to(dtype)
+    # Decay factors below sqrt(tiny) (1e-19 in float32, far under its 1e-7 resolution)
+    # become 0, so that neither a factor nor a product of two is subnormal: subnormal
+    # arithmetic is ~30x slower on x86, and large blocks with fast decay would hit it.
+    tiny = torch.finfo(dtype).tiny ** 0.5
+
+    def decay(n: Tensor) -> Tensor:
+        """λ_h^n for exponents n >= 0 of any shape: [H, *n.shape], flushed to 0 below tiny."""
+        f = torch.exp(-s.view(-1, *([1] * n.dim())) * n)
+        return f.masked_fill(f < tiny, 0.0)
+
     pos = torch.arange(C, device=device, dtype=dtype)
     gap_CC = pos[:, None] - pos[None, :]
-    D_HCC = torch.exp(-s[:, None, None] * gap_CC.clamp(min=0)) * (gap_CC >= 0)
-    a_1HC1 = torch.exp(-s[:, None] * (pos + 1))[None, :, :, None]
-    b_full = torch.exp(-s[:, None] * (C - 1 - pos))[None, :, :, None]
-    lam_full = torch.exp(-s * C)[None, :, None, None]
+    D_HCC = decay(gap_CC.clamp(min=0)) * (gap_CC >= 0) * scale
+    a_1HC1 = decay(pos + 1)[None, :, :, None] * scale
+    b_full = decay(C - 1 - pos)[None, :, :, None]
+    lam_full = decay(torch.tensor(float(C), dtype=dtype, device=device))[None, :, None, None]
 
     groups = []
     last_token = offsets[-1] - 1
@@ -97,20 +112,53 @@ def make_plan(offsets: list[int], s: Tensor, C: int, G: int, dtype: torch.dtype)
             C, device=device
         )
         keep_GC = pos[None, :] < L_G[:, None]
-        gap_GHC = (L_G[:, None, None] - 1 - pos).clamp(min=0).expand(-1, len(s), -1)
-        b_GHC = torch.exp(-s[:, None] * gap_GHC) * keep_GC[:, None, :]
-        lam = torch.exp(-s[None, :] * L_G[:, None])[:, :, None, None]
+        gap_GC = (L_G[:, None] - 1 - pos).clamp(min=0)
+        b_GHC = decay(gap_GC).transpose(0, 1) * keep_GC[:, None, :]
+        lam = decay(L_G).T[:, :, None, None]
         rows = slot_GC.clamp(max=last_token).reshape(-1)
         groups.append(_Group(m0, m1, start[m0], rows, keep_GC.reshape(-1), b_GHC[..., None], lam))
     return _Plan(C, seq, first, last, groups, D_HCC, a_1HC1)
 
 
-def _load(x_TD: Tensor, g: _Group, C: int, dtype: torch.dtype) -> Tensor:
-    """Reads a group's tokens from x [T_total, H, D] into blocks [G, H, C, D], pads zeroed."""
-    G = g.m1 - g.m0
-    H, D = x_TD.shape[1:]
+class _Workspace:
+    """Buffers for one group, allocated once per call and reused: fresh large allocations
+    cost a page fault per 4 KiB on the CPU, which would rival the matmuls themselves."""
+
+    def __init__(self, G: int, H: int, C: int, K: int, V: int, like: Tensor, backward: bool):
+        def buf(*shape: int) -> Tensor:
+            return torch.empty(shape, dtype=like.dtype, device=like.device)
+
+        D = max(K, V)
+        self.q, self.k, self.v = buf(G, H, C, K), buf(G, H, C, K), buf(G, H, C, V)
+        self.kd, self.qa = buf(G, H, C, K), buf(G, H, C, K)
+        self.scores = buf(G, H, C, C)
+        self.o = buf(G, H, C, V)
+        self.dS, self.S_in, self.carry = buf(G, H, K, V), buf(G, H, K, V), buf(H, K, V)
+        if backward:
+            self.do, self.dS_out = buf(G, H, C, V), buf(G, H, K, V)
+            self.dq, self.dk = buf(G, H, C, K), buf(G, H, C, K)
+            self.tmp = buf(G, H, C, D)
+
+    @staticmethod
+    def take(x: Tensor, G: int) -> Tensor:
+        """The first G blocks of a buffer (the last group may be short)."""
+        return x[:G]
+
+
+def _bmm(a: Tensor, b: Tensor, out: Tensor) -> Tensor:
+    """Batched a @ b over the leading [G, H] dims, into out, without copies."""
+    torch.bmm(a.flatten(0, 1), b.flatten(0, 1), out=out.flatten(0, 1))
+    return out
+
+
+def _T(x: Tensor) -> Tensor:
+    return x.transpose(-1, -2)
+
+
+def _load(x_TD: Tensor, g: _Group, out: Tensor) -> Tensor:
+    """Reads a group's tokens from x [T_total, H, D] into blocks out [G, H, C, D], pads zeroed."""
+    G, H, C, D = out.shape
     src = x_TD[g.t0 : g.t0 + G * C] if g.full else x_TD.index_select(0, g.rows)
-    out = torch.empty((G, H, C, D), dtype=dtype, device=x_TD.device)
     out.copy_(src.view(G, C, H, D).permute(0, 2, 1, 3))
     if not g.full:
         out.mul_(g.keep.view(G, 1, C, 1))
@@ -129,59 +177,112 @@ def _store(y_TD: Tensor, y_GHCD: Tensor, g: _Group) -> None:
 
 
 def _scan(
-    k: Tensor, v: Tensor, g: _Group, plan: _Plan, S_HKV: Tensor, init: Tensor | None,
+    g: _Group,
+    plan: _Plan,
+    dS: Tensor,
+    S_in: Tensor,
+    carry: Tensor,
+    init: Tensor | None,
     final: Tensor | None,
-) -> tuple[Tensor, Tensor]:
-    """States entering each block of a group, and the state leaving it.
+) -> None:
+    """Passes the state through a group's blocks: S_out = λ^L · S_in + dS, in place.
 
-    k [G, H, C, K], v [G, H, C, V], S_HKV the state entering the group.
-    Returns S_in [G, H, K, V] and the outgoing state [H, K, V]; writes each finished
-    sequence's state into final [N, H, K, V] when given.
+    dS [G, H, K, V] each block's own contribution; S_in [G, H, K, V] receives the state
+    entering each block; carry [H, K, V] holds the state entering the group and receives
+    the state leaving it. Each finished sequence's state is written into final [N, H, K, V].
     """
-    dS_GHKV = torch.matmul((k * g.b_G1C1).transpose(-1, -2), v)
-    S_in = torch.empty_like(dS_GHKV)
-    for i in range(g.m1 - g.m0):
+    G = g.m1 - g.m0
+    for i in range(G):
         m = g.m0 + i
         if plan.first[m]:
-            S_HKV = init[plan.seq[m]] if init is not None else torch.zeros_like(S_HKV)
-        S_in[i] = S_HKV
-        S_HKV = torch.addcmul(dS_GHKV[i], S_HKV, g.lam_GH11[i])
+            S_in[i].zero_() if init is None else S_in[i].copy_(init[plan.seq[m]])
+        elif i == 0:
+            S_in[0].copy_(carry)
+        out = S_in[i + 1] if i + 1 < G else carry
+        torch.addcmul(dS[i], S_in[i], g.lam_GH11[i], out=out)
         if final is not None and plan.last[m]:
-            final[plan.seq[m]] = S_HKV
-    return S_in, S_HKV
+            final[plan.seq[m]] = out
+
+
+def _scan_back(
+    g: _Group,
+    plan: _Plan,
+    dS_from_o: Tensor,
+    dS_out: Tensor,
+    carry: Tensor,
+    dfinal: Tensor | None,
+    dinit: Tensor,
+) -> None:
+    """The reverse of `_scan`: gradients of the state leaving each block, in place.
+
+    dS_from_o [G, H, K, V] the gradient each block's outputs send to its entering state;
+    dS_out [G, H, K, V] receives the gradient of the state leaving each block; carry
+    [H, K, V] holds the gradient of the state entering the next group and receives that
+    of the state entering this one. Sequence starts write theirs into dinit [N, H, K, V].
+    """
+    for i in reversed(range(g.m1 - g.m0)):
+        m = g.m0 + i
+        if plan.last[m]:
+            dS_out[i].zero_() if dfinal is None else dS_out[i].copy_(dfinal[plan.seq[m]])
+        elif i == g.m1 - g.m0 - 1:
+            dS_out[i].copy_(carry)
+        out = dS_out[i - 1] if i > 0 else carry
+        torch.addcmul(dS_from_o[i], dS_out[i], g.lam_GH11[i], out=out)
+        if plan.first[m]:
+            dinit[plan.seq[m]] = out
+
+
+def _block_states(g: _Group, plan: _Plan, ws: _Workspace, G: int, init, final) -> None:
+    """k ⊙ b into ws.kd, each block's state contribution, then the scan (see `_scan`)."""
+    kd = torch.mul(ws.take(ws.k, G), g.b_G1C1, out=ws.take(ws.kd, G))
+    dS = _bmm(_T(kd), ws.take(ws.v, G), ws.take(ws.dS, G))
+    _scan(g, plan, dS, ws.take(ws.S_in, G), ws.carry, init, final)
 
 
 def chunk_fwd(
-    q: Tensor, k: Tensor, v: Tensor, init: Tensor | None, scale: float, plan: _Plan, N: int
+    q: Tensor, k: Tensor, v: Tensor, init: Tensor | None, plan: _Plan, N: int
 ) -> tuple[Tensor, Tensor, Tensor]:
     """Forward over flat tokens: q, k [T, H, K], v [T, H, V], init [N, H, K, V] or None.
 
-    Returns o [T, H, V] (q's dtype), final [N, H, K, V] and the state entering each group
-    [num_groups, H, K, V], all states in the compute dtype (the plan's).
+    The scale is folded into the plan's D and a tables. Returns o [T, H, V] (q's dtype),
+    final [N, H, K, V] and the state entering each group [num_groups, H, K, V], the
+    states in the compute dtype (the plan's).
     """
     dt = plan.D_HCC.dtype
     T, H, K = q.shape
     V = v.shape[-1]
+    G_max = max((g.m1 - g.m0 for g in plan.groups), default=1)
+    ws = _Workspace(G_max, H, plan.C, K, V, plan.D_HCC, backward=False)
     o = torch.empty((T, H, V), dtype=q.dtype, device=q.device)
     final = init.to(dt).clone() if init is not None else q.new_zeros((N, H, K, V), dtype=dt)
     init = init.to(dt) if init is not None else None
     entries = q.new_empty((len(plan.groups), H, K, V), dtype=dt)
-    S_HKV = q.new_zeros((H, K, V), dtype=dt)
+    ws.carry.zero_()
     for gi, g in enumerate(plan.groups):
-        entries[gi] = S_HKV
-        qb = _load(q, g, plan.C, dt).mul_(scale)
-        kb, vb = _load(k, g, plan.C, dt), _load(v, g, plan.C, dt)
-        S_in, S_HKV = _scan(kb, vb, g, plan, S_HKV, init, final)
-        attn_GHCC = torch.matmul(qb, kb.transpose(-1, -2)).mul_(plan.D_HCC)
-        ob = torch.matmul(attn_GHCC, vb)
-        ob += torch.matmul(qb.mul_(plan.a_1HC1), S_in)
+        G = g.m1 - g.m0
+        entries[gi] = ws.carry
+        qb = _load(q, g, ws.take(ws.q, G))
+        kb = _load(k, g, ws.take(ws.k, G))
+        vb = _load(v, g, ws.take(ws.v, G))
+        _block_states(g, plan, ws, G, init, final)
+        scores = _bmm(qb, _T(kb), ws.take(ws.scores, G)).mul_(plan.D_HCC)
+        ob = _bmm(scores, vb, ws.take(ws.o, G))
+        qa = torch.mul(qb, plan.a_1HC1, out=ws.take(ws.qa, G))
+        ob.flatten(0, 1).baddbmm_(qa.flatten(0, 1), ws.take(ws.S_in, G).flatten(0, 1))
         _store(o, ob, g)
     return o, final, entries
 
 
 def chunk_bwd(
-    q: Tensor, k: Tensor, v: Tensor, init: Tensor | None, scale: float, plan: _Plan,
-    entries: Tensor, do: Tensor | None, dfinal: Tensor | None, N: int,
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    init: Tensor | None,
+    plan: _Plan,
+    entries: Tensor,
+    do: Tensor | None,
+    dfinal: Tensor | None,
+    N: int,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
     """Backward of `chunk_fwd`, group by group in reverse, recomputing each group's states.
 
@@ -191,46 +292,43 @@ def chunk_bwd(
     dt = plan.D_HCC.dtype
     T, H, K = q.shape
     V = v.shape[-1]
+    G_max = max((g.m1 - g.m0 for g in plan.groups), default=1)
+    ws = _Workspace(G_max, H, plan.C, K, V, plan.D_HCC, backward=True)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    zero_HKV = q.new_zeros((H, K, V), dtype=dt)
     dinit = dfinal.to(dt).clone() if dfinal is not None else q.new_zeros((N, H, K, V), dtype=dt)
     init = init.to(dt) if init is not None else None
-    dS_HKV = zero_HKV  # gradient of the state entering the block after the current one
+    dcarry = q.new_zeros((H, K, V), dtype=dt)
     for gi in reversed(range(len(plan.groups))):
         g = plan.groups[gi]
         G = g.m1 - g.m0
-        qb = _load(q, g, plan.C, dt).mul_(scale)
-        kb, vb = _load(k, g, plan.C, dt), _load(v, g, plan.C, dt)
-        if do is not None:
-            dob = _load(do, g, plan.C, dt)
+        qb = _load(q, g, ws.take(ws.q, G))
+        kb = _load(k, g, ws.take(ws.k, G))
+        vb = _load(v, g, ws.take(ws.v, G))
+        dob = ws.take(ws.do, G)
+        if do is None:
+            dob.zero_()
         else:
-            dob = qb.new_zeros(G, H, plan.C, V)
-        S_in, _ = _scan(kb, vb, g, plan, entries[gi], init, None)
+            _load(do, g, dob)
+        ws.carry.copy_(entries[gi])
+        _block_states(g, plan, ws, G, init, None)
+        S_in, kd = ws.take(ws.S_in, G), ws.take(ws.kd, G)
 
-        qa = qb * plan.a_1HC1
-        dS_from_o = torch.matmul(qa.transpose(-1, -2), dob)  # [G, H, K, V]
-        dS_out = torch.empty_like(dS_from_o)
-        for i in reversed(range(G)):
-            m = g.m0 + i
-            if plan.last[m]:
-                dS_HKV = dfinal[plan.seq[m]].to(dt) if dfinal is not None else zero_HKV
-            dS_out[i] = dS_HKV
-            dS_HKV = torch.addcmul(dS_from_o[i], dS_HKV, g.lam_GH11[i])
-            if plan.first[m]:
-                dinit[plan.seq[m]] = dS_HKV
+        qa = torch.mul(qb, plan.a_1HC1, out=ws.take(ws.qa, G))
+        dS_from_o = _bmm(_T(qa), dob, ws.take(ws.dS, G))
+        dS_out = ws.take(ws.dS_out, G)
+        _scan_back(g, plan, dS_from_o, dS_out, dcarry, dfinal, dinit)
 
-        kbd = kb * g.b_G1C1
-        dP_GHCC = torch.matmul(dob, vb.transpose(-1, -2)).mul_(plan.D_HCC)
-        dqb = torch.matmul(dP_GHCC, kb)
-        dqb += torch.matmul(dob, S_in.transpose(-1, -2)).mul_(plan.a_1HC1)
-        dqb.mul_(scale)
-        dkb = torch.matmul(dP_GHCC.transpose(-1, -2), qb)
-        dkb += torch.matmul(vb, dS_out.transpose(-1, -2)).mul_(g.b_G1C1)
-        attn_GHCC = torch.matmul(qb, kb.transpose(-1, -2)).mul_(plan.D_HCC)
-        dvb = torch.matmul(attn_GHCC.transpose(-1, -2), dob)
-        dvb += torch.matmul(kbd, dS_out)
+        tmp_K = ws.take(ws.tmp, G)[..., :K]
+        dP = _bmm(dob, _T(vb), ws.take(ws.scores, G)).mul_(plan.D_HCC)
+        dqb = _bmm(dP, kb, ws.take(ws.dq, G))
+        dqb.addcmul_(_bmm(dob, _T(S_in), tmp_K), plan.a_1HC1)
+        dkb = _bmm(_T(dP), qb, ws.take(ws.dk, G))
+        dkb.addcmul_(_bmm(vb, _T(dS_out), tmp_K), g.b_G1C1)
         _store(dq, dqb, g)
         _store(dk, dkb, g)
+        scores = _bmm(qb, _T(kb), ws.take(ws.scores, G)).mul_(plan.D_HCC)
+        dvb = _bmm(_T(scores), dob, ws.take(ws.o, G))
+        dvb.flatten(0, 1).baddbmm_(kd.flatten(0, 1), dS_out.flatten(0, 1))
         _store(dv, dvb, g)
     return dq, dk, dv, dinit
 
@@ -239,10 +337,10 @@ class LightningChunkFn(torch.autograd.Function):
     """Autograd for the tiled form: `chunk_fwd` and the hand-written `chunk_bwd`."""
 
     @staticmethod
-    def forward(ctx, q, k, v, init, scale, plan, num_seqs):
-        o, final, entries = chunk_fwd(q, k, v, init, scale, plan, num_seqs)
+    def forward(ctx, q, k, v, init, plan, num_seqs):
+        o, final, entries = chunk_fwd(q, k, v, init, plan, num_seqs)
         ctx.save_for_backward(q, k, v, init, entries)
-        ctx.scale, ctx.plan, ctx.num_seqs = scale, plan, num_seqs
+        ctx.plan, ctx.num_seqs = plan, num_seqs
         ctx.set_materialize_grads(False)
         return o, final
 
@@ -250,8 +348,6 @@ class LightningChunkFn(torch.autograd.Function):
     @once_differentiable
     def backward(ctx, do, dfinal):
         q, k, v, init, entries = ctx.saved_tensors
-        dq, dk, dv, dinit = chunk_bwd(
-            q, k, v, init, ctx.scale, ctx.plan, entries, do, dfinal, ctx.num_seqs
-        )
+        dq, dk, dv, dinit = chunk_bwd(q, k, v, init, ctx.plan, entries, do, dfinal, ctx.num_seqs)
         dinit = dinit.to(init.dtype) if init is not None and ctx.needs_input_grad[3] else None
-        return dq, dk, dv, dinit, None, None, None
+        return dq, dk, dv, dinit, None, None
