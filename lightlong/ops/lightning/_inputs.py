@@ -5,6 +5,7 @@
 
 from __future__ import annotations
 
+import itertools
 import math
 from dataclasses import dataclass
 
@@ -56,7 +57,8 @@ def check_inputs(
         )
     if v.shape[:3] != q.shape[:3]:
         raise ValueError(
-            f"v must be [B, T, H, V] with B, T, H = {tuple(q.shape[:3])} as in q, got {tuple(v.shape)}"
+            f"v must be [B, T, H, V] with B, T, H = {tuple(q.shape[:3])} as in q, "
+            f"got {tuple(v.shape)}"
         )
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
@@ -97,7 +99,7 @@ def check_inputs(
             raise ValueError(
                 f"cu_seqlens must start at 0 and end at T={T}, got {offsets[0]} ... {offsets[-1]}"
             )
-        if any(b < a for a, b in zip(offsets[:-1], offsets[1:], strict=True)):
+        if any(b < a for a, b in itertools.pairwise(offsets)):
             raise ValueError(f"cu_seqlens must be non-decreasing, got {offsets}")
 
     state_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32

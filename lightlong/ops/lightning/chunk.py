@@ -21,6 +21,7 @@ group by group, in reverse.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
 
 import torch
@@ -72,7 +73,7 @@ def make_plan(
     """
     device = s.device
     start, length, seq = [], [], []
-    for n, (a, b) in enumerate(zip(offsets[:-1], offsets[1:], strict=True)):
+    for n, (a, b) in enumerate(itertools.pairwise(offsets)):
         for t in range(a, b, C):
             start.append(t)
             length.append(min(C, b - t))
@@ -290,7 +291,7 @@ def chunk_bwd(
     Returns dq, dk, dv in the inputs' dtype and dinit [N, H, K, V] in the compute dtype.
     """
     dt = plan.D_HCC.dtype
-    T, H, K = q.shape
+    _, H, K = q.shape
     V = v.shape[-1]
     G_max = max((g.m1 - g.m0 for g in plan.groups), default=1)
     ws = _Workspace(G_max, H, plan.C, K, V, plan.D_HCC, backward=True)

@@ -8,6 +8,8 @@ implementation gets wrong). O(T²) time and memory: for tests and short sequence
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 
@@ -64,7 +66,7 @@ def lightning_attn_naive(
     s = decay.to(torch.float64)
     q_, k_, v_ = (x.reshape(B * T, H, -1) for x in (q, k, v))
     outs, finals = [], []
-    for n, (a, b) in enumerate(zip(args.offsets[:-1], args.offsets[1:], strict=True)):
+    for n, (a, b) in enumerate(itertools.pairwise(args.offsets)):
         state = None if initial_state is None else initial_state[n]
         o, final = _naive_one(q_[a:b], k_[a:b], v_[a:b], s, args.scale, state)
         outs.append(o)

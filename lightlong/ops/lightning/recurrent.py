@@ -11,6 +11,8 @@ algorithm so that the two cannot share a mistake.
 
 from __future__ import annotations
 
+import itertools
+
 import torch
 from torch import Tensor
 
@@ -55,7 +57,7 @@ def lightning_attn_recurrent(
         float64 inputs) or None.
     """
     args = check_inputs(q, k, v, decay, scale, initial_state, cu_seqlens)
-    B, T, H, K = q.shape
+    _, _, H, K = q.shape
     V = v.shape[-1]
     lam = torch.exp(-decay.to(args.state_dtype))
     if initial_state is None:
@@ -66,7 +68,7 @@ def lightning_attn_recurrent(
         o, final = _recur(q, k, v, lam, args.scale, state)
     else:
         outs, finals = [], []
-        for n, (a, b) in enumerate(zip(args.offsets[:-1], args.offsets[1:], strict=True)):
+        for n, (a, b) in enumerate(itertools.pairwise(args.offsets)):
             o_n, s_n = _recur(q[:, a:b], k[:, a:b], v[:, a:b], lam, args.scale, state[n : n + 1])
             outs.append(o_n)
             finals.append(s_n)
