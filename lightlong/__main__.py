@@ -1,0 +1,3 @@
+from lightlong.cli import main
+
+main()

@@ -1,0 +1,54 @@
+"""Shared test helpers: seeding and error-reporting comparisons.
+
+Errors are relative Frobenius norms measured in float64 against a reference (ideally one
+computed in float64): err = ||actual − ref||_F / ||ref||_F.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import Tensor
+
+SEED = 0
+
+
+@pytest.fixture(autouse=True)
+def _seed() -> None:
+    """Every test starts from the same global RNG state (tests should still prefer their own
+    torch.Generator, so that results do not depend on test order)."""
+    torch.manual_seed(SEED)
+
+
+def rel_err(actual: Tensor, ref: Tensor) -> float:
+    """||actual − ref||_F / ||ref||_F, in float64; the absolute error when ref is all zeros.
+
+    NaN or inf anywhere gives NaN or inf, which no tolerance accepts.
+    """
+    if actual.shape != ref.shape:
+        raise AssertionError(f"shape mismatch: {tuple(actual.shape)} vs {tuple(ref.shape)}")
+    a = actual.detach().to(torch.float64)
+    b = ref.detach().to(torch.float64)
+    diff = torch.linalg.vector_norm(a - b).item()
+    denom = torch.linalg.vector_norm(b).item()
+    return diff if denom == 0.0 else diff / denom
+
+
+def assert_close(actual: Tensor | None, ref: Tensor | None, tol: float, name: str) -> float:
+    """Raises AssertionError, stating the observed error, unless rel_err(actual, ref) <= tol.
+
+    Both None passes (an output that was not requested). Returns the error.
+    """
+    if actual is None or ref is None:
+        if actual is None and ref is None:
+            return 0.0
+        raise AssertionError(
+            f"{name}: one side is None (actual={type(actual).__name__}, ref={type(ref).__name__})"
+        )
+    err = rel_err(actual, ref)
+    if not err <= tol:  # also catches NaN
+        raise AssertionError(
+            f"{name}: relative error {err:.3e} exceeds tolerance {tol:.1e} "
+            f"(shape {tuple(actual.shape)}, {actual.dtype} vs {ref.dtype})"
+        )
+    return err
