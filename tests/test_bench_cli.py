@@ -7,7 +7,6 @@ import subprocess
 import sys
 
 import pytest
-import torch
 
 from lightlong.bench import attention as bench
 from lightlong.bench.attention import AttentionBenchConfig, lightning_flops, run_attention_bench
