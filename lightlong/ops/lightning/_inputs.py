@@ -62,11 +62,6 @@ def check_inputs(
         )
     if not (q.dtype == k.dtype == v.dtype):
         raise ValueError(f"q, k, v must share a dtype, got {q.dtype}, {k.dtype}, {v.dtype}")
-    if not (q.device == k.device == v.device == decay.device):
-        raise ValueError(
-            f"q, k, v, decay must be on one device, got {q.device}, {k.device}, {v.device}, "
-            f"{decay.device}"
-        )
     B, T, H, K = q.shape
     V = v.shape[-1]
     if K == 0 or V == 0 or H == 0:
@@ -75,6 +70,11 @@ def check_inputs(
     if not isinstance(decay, Tensor) or decay.shape != (H,):
         shape = tuple(decay.shape) if isinstance(decay, Tensor) else type(decay).__name__
         raise ValueError(f"decay must be a tensor of shape [H] = [{H}], got {shape}")
+    if not (q.device == k.device == v.device == decay.device):
+        raise ValueError(
+            f"q, k, v, decay must be on one device, got {q.device}, {k.device}, {v.device}, "
+            f"{decay.device}"
+        )
     if not decay.is_floating_point():
         raise ValueError(f"decay must be a floating tensor, got {decay.dtype}")
     if not bool(torch.isfinite(decay).all()) or bool((decay < 0).any()):

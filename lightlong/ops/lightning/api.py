@@ -72,11 +72,12 @@ def lightning_attn(
     V = v.shape[-1]
     if block_size is None:
         block_size = DEFAULT_BLOCK_SIZE
-    elif not isinstance(block_size, int) or block_size < 1:
+    elif not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
         raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
 
     group = max(1, _GROUP_BYTES // (4 * H * (2 * K + V) * block_size))
     plan = make_plan(args.offsets, decay, args.scale, block_size, group, args.state_dtype)
+    inputs = (q, k, v, initial_state)
     o, final = LightningChunkFn.apply(
         q.reshape(B * T, H, K),
         k.reshape(B * T, H, K),
@@ -84,5 +85,6 @@ def lightning_attn(
         initial_state,
         plan,
         args.num_seqs,
+        torch.is_grad_enabled() and any(x is not None and x.requires_grad for x in inputs),
     )
     return o.view(B, T, H, V), (final if output_final_state else None)

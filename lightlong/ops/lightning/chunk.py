@@ -161,8 +161,8 @@ def _load(x_TD: Tensor, g: _Group, out: Tensor) -> Tensor:
     G, H, C, D = out.shape
     src = x_TD[g.t0 : g.t0 + G * C] if g.full else x_TD.index_select(0, g.rows)
     out.copy_(src.view(G, C, H, D).permute(0, 2, 1, 3))
-    if not g.full:
-        out.mul_(g.keep.view(G, 1, C, 1))
+    if not g.full:  # masked_fill, not a multiply: a NaN elsewhere must not leak in via 0 * NaN
+        out.masked_fill_(~g.keep.view(G, 1, C, 1), 0.0)
     return out
 
 
@@ -241,13 +241,13 @@ def _block_states(g: _Group, plan: _Plan, ws: _Workspace, G: int, init, final) -
 
 
 def chunk_fwd(
-    q: Tensor, k: Tensor, v: Tensor, init: Tensor | None, plan: _Plan, N: int
-) -> tuple[Tensor, Tensor, Tensor]:
+    q: Tensor, k: Tensor, v: Tensor, init: Tensor | None, plan: _Plan, N: int, keep_entries: bool
+) -> tuple[Tensor, Tensor, Tensor | None]:
     """Forward over flat tokens: q, k [T, H, K], v [T, H, V], init [N, H, K, V] or None.
 
     The scale is folded into the plan's D and a tables. Returns o [T, H, V] (q's dtype),
-    final [N, H, K, V] and the state entering each group [num_groups, H, K, V], the
-    states in the compute dtype (the plan's).
+    final [N, H, K, V] and, if keep_entries (for the backward), the state entering each
+    group [num_groups, H, K, V]; states in the compute dtype (the plan's).
     """
     dt = plan.D_HCC.dtype
     T, H, K = q.shape
@@ -257,11 +257,12 @@ def chunk_fwd(
     o = torch.empty((T, H, V), dtype=q.dtype, device=q.device)
     final = init.to(dt).clone() if init is not None else q.new_zeros((N, H, K, V), dtype=dt)
     init = init.to(dt) if init is not None else None
-    entries = q.new_empty((len(plan.groups), H, K, V), dtype=dt)
+    entries = q.new_empty((len(plan.groups), H, K, V), dtype=dt) if keep_entries else None
     ws.carry.zero_()
     for gi, g in enumerate(plan.groups):
         G = g.m1 - g.m0
-        entries[gi] = ws.carry
+        if entries is not None:
+            entries[gi] = ws.carry
         qb = _load(q, g, ws.take(ws.q, G))
         kb = _load(k, g, ws.take(ws.k, G))
         vb = _load(v, g, ws.take(ws.v, G))
@@ -338,8 +339,8 @@ class LightningChunkFn(torch.autograd.Function):
     """Autograd for the tiled form: `chunk_fwd` and the hand-written `chunk_bwd`."""
 
     @staticmethod
-    def forward(ctx, q, k, v, init, plan, num_seqs):
-        o, final, entries = chunk_fwd(q, k, v, init, plan, num_seqs)
+    def forward(ctx, q, k, v, init, plan, num_seqs, needs_grad):
+        o, final, entries = chunk_fwd(q, k, v, init, plan, num_seqs, needs_grad)
         ctx.save_for_backward(q, k, v, init, entries)
         ctx.plan, ctx.num_seqs = plan, num_seqs
         ctx.set_materialize_grads(False)
@@ -351,4 +352,4 @@ class LightningChunkFn(torch.autograd.Function):
         q, k, v, init, entries = ctx.saved_tensors
         dq, dk, dv, dinit = chunk_bwd(q, k, v, init, ctx.plan, entries, do, dfinal, ctx.num_seqs)
         dinit = dinit.to(init.dtype) if init is not None and ctx.needs_input_grad[3] else None
-        return dq, dk, dv, dinit, None, None
+        return dq, dk, dv, dinit, None, None, None

@@ -64,7 +64,7 @@ def lightning_attn_naive(
     B, T, H, _ = q.shape
     V = v.shape[-1]
     s = decay.to(torch.float64)
-    q_, k_, v_ = (x.reshape(B * T, H, -1) for x in (q, k, v))
+    q_, k_, v_ = (x.reshape(B * T, H, x.shape[-1]) for x in (q, k, v))
     outs, finals = [], []
     for n, (a, b) in enumerate(itertools.pairwise(args.offsets)):
         state = None if initial_state is None else initial_state[n]
