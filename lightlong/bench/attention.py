@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import math
-import subprocess
-import sys
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -18,6 +16,7 @@ from pathlib import Path
 import torch
 
 from lightlong.bench.machine import describe_machine, matmul_gflops
+from lightlong.bench.worker import log, run_in_fresh_process
 from lightlong.ops import decay_rates, lightning_attn, lightning_attn_naive
 from lightlong.ops.lightning.api import DEFAULT_BLOCK_SIZE
 
@@ -67,10 +66,6 @@ class AttentionBenchConfig:
             raise ValueError(f"sdpa_limit_s must be > 0, got {self.sdpa_limit_s}")
 
 
-def _log(msg: str) -> None:
-    print(msg, file=sys.stderr, flush=True)
-
-
 def check_against_reference(cfg: AttentionBenchConfig, block: int) -> float:
     """Max relative error of the op (forward and gradients) vs float64 naive, same H, D, C.
 
@@ -94,20 +89,6 @@ def check_against_reference(cfg: AttentionBenchConfig, block: int) -> float:
         for a, b in zip([out, *grads], [ref, *ref_grads], strict=True)
     ]
     return max(errs)
-
-
-def _worker(spec: dict, timeout_s: float) -> dict | None:
-    """Runs one measurement in a fresh process; None if it fails or times out."""
-    cmd = [sys.executable, "-m", "lightlong.bench._worker", json.dumps(spec)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        _log(f"  {spec['op']} T={spec['T']}: timed out after {timeout_s:.0f}s")
-        return None
-    if proc.returncode != 0:
-        _log(f"  {spec['op']} T={spec['T']}: failed\n{proc.stderr[-2000:]}")
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 def lightning_flops(T: int, B: int, H: int, K: int, V: int, C: int) -> float:
@@ -138,18 +119,26 @@ def run_attention_bench(cfg: AttentionBenchConfig) -> dict:
             f"reference check failed: relative error {err:.2e} >= {tol:.0e} vs float64 naive "
             f"(H={H}, D={D}, block={block}); no numbers printed"
         )
-    _log(f"reference check passed: max relative error {err:.1e} (forward and gradients)")
+    log(f"reference check passed: max relative error {err:.1e} (forward and gradients)")
 
     peak_before = matmul_gflops(device=cfg.device)
-    _log(f"matmul peak: {peak_before:.0f} GFLOP/s")
-    base = {"B": B, "H": H, "K": D, "V": D, "dtype": cfg.dtype, "device": cfg.device}
+    log(f"matmul peak: {peak_before:.0f} GFLOP/s")
+    base = {
+        "kind": "attention",
+        "B": B,
+        "H": H,
+        "K": D,
+        "V": D,
+        "dtype": cfg.dtype,
+        "device": cfg.device,
+    }
     rows = []
     sdpa_fwd_done = sdpa_bwd_done = True
     last_sdpa: dict = {}
     for T in lengths:
         t0 = time.perf_counter()
         modes = ["fwd", "fwdbwd"] if cfg.fwdbwd_max_len >= T else ["fwd"]
-        lit = _worker(
+        lit = run_in_fresh_process(
             {**base, "op": "lightning", "T": T, "block_size": block, "modes": modes}, 1800
         )
         row = {"T": T, "lightning": lit}
@@ -161,14 +150,14 @@ def run_attention_bench(cfg: AttentionBenchConfig) -> dict:
                 sdpa_modes.append(mode)
         sdpa_fwd_done, sdpa_bwd_done = "fwd" in sdpa_modes, "fwdbwd" in sdpa_modes
         if sdpa_modes:
-            sd = _worker({**base, "op": "sdpa", "T": T, "modes": sdpa_modes}, 1800)
+            sd = run_in_fresh_process({**base, "op": "sdpa", "T": T, "modes": sdpa_modes}, 1800)
             row["sdpa"] = sd
             if sd:
                 last_sdpa = {"T": T, **sd}
             else:
                 sdpa_fwd_done = sdpa_bwd_done = False
         rows.append(row)
-        _log(_progress_line(row, time.perf_counter() - t0))
+        log(_progress_line(row, time.perf_counter() - t0))
 
     peak = max(peak_before, matmul_gflops(device=cfg.device))
     report = _summarise(cfg, rows, block, peak, err)
@@ -326,7 +315,7 @@ def _write(report: dict, cfg: AttentionBenchConfig) -> None:
     (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
     (out / f"{stem}.md").write_text(format_table(report) + "\n")
     plot_attention(report, out / f"{stem}.png")
-    _log(f"wrote {out / stem}.json, .md, .png")
+    log(f"wrote {out / stem}.json, .md, .png")
 
 
 def plot_attention(report: dict, path: Path) -> None:

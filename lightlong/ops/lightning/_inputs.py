@@ -5,12 +5,13 @@
 
 from __future__ import annotations
 
-import itertools
 import math
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+from lightlong.ops.varlen import check_cu_seqlens
 
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -88,19 +89,7 @@ def check_inputs(
     if cu_seqlens is None:
         offsets = [b * T for b in range(B + 1)]
     else:
-        if not isinstance(cu_seqlens, Tensor) or cu_seqlens.dim() != 1 or cu_seqlens.numel() < 2:
-            raise ValueError("cu_seqlens must be a 1-D tensor [N + 1] of sequence offsets")
-        if cu_seqlens.dtype not in (torch.int64, torch.int32):
-            raise ValueError(f"cu_seqlens must be int64 (or int32), got {cu_seqlens.dtype}")
-        if B != 1:
-            raise ValueError(f"with cu_seqlens the batch must be packed into B == 1, got B={B}")
-        offsets = cu_seqlens.tolist()
-        if offsets[0] != 0 or offsets[-1] != T:
-            raise ValueError(
-                f"cu_seqlens must start at 0 and end at T={T}, got {offsets[0]} ... {offsets[-1]}"
-            )
-        if any(b < a for a, b in itertools.pairwise(offsets)):
-            raise ValueError(f"cu_seqlens must be non-decreasing, got {offsets}")
+        offsets = check_cu_seqlens(cu_seqlens, B, T)
 
     state_dtype = torch.float64 if q.dtype == torch.float64 else torch.float32
     N = len(offsets) - 1

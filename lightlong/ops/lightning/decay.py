@@ -33,13 +33,16 @@ def alibi_slopes(num_heads: int) -> list[float]:
     return power_of_two(lower) + alibi_slopes(2 * lower)[0::2][: num_heads - lower]
 
 
-def decay_rates(num_heads: int, layer_idx: int, num_layers: int) -> torch.Tensor:
+def decay_rates(
+    num_heads: int, layer_idx: int, num_layers: int, device: torch.device | str = "cpu"
+) -> torch.Tensor:
     """Decay rates s_h ≥ 0 of one lightning layer, as MiniMax-Text-01 defines them.
 
     Args:
         num_heads: H, attention heads of the layer.
         layer_idx: l, the layer's global index, 0 ≤ l < num_layers.
         num_layers: L, layers in the whole model.
+        device: where the tensor goes (explicit, so a meta-device build gets real rates).
 
     Returns:
         float32 tensor [H] of rates s_h (per-token factor exp(-s_h)).
@@ -49,4 +52,4 @@ def decay_rates(num_heads: int, layer_idx: int, num_layers: int) -> torch.Tensor
     if not isinstance(layer_idx, int) or not 0 <= layer_idx < num_layers:
         raise ValueError(f"layer_idx must be an int in [0, {num_layers}), got {layer_idx!r}")
     depth = 1.0 + 1e-5 if num_layers == 1 else 1.0 - layer_idx / (num_layers - 1) + 1e-5
-    return torch.tensor(alibi_slopes(num_heads), dtype=torch.float32) * depth
+    return torch.tensor(alibi_slopes(num_heads), dtype=torch.float32, device=device) * depth

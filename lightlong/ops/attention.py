@@ -1,0 +1,71 @@
+"""Softmax attention pieces: partial rotary embeddings and causal SDPA over packed sequences.
+
+# B batch, T tokens, H query heads, G key/value heads, D head dim, R rotary dims, N sequences
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+
+def positions_in_sequence(T: int, cu_seqlens: Tensor | None, device: torch.device) -> Tensor:
+    """int64 [T]: each token's position within its own sequence (restarts at each offset)."""
+    pos = torch.arange(T, device=device)
+    if cu_seqlens is None:
+        return pos
+    starts = cu_seqlens[:-1].to(device)
+    lengths = (cu_seqlens[1:] - cu_seqlens[:-1]).to(device)
+    return pos - torch.repeat_interleave(starts, lengths, output_size=T)
+
+
+def rotary_cos_sin(
+    positions: Tensor, rotary_dim: int, theta: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
+    """cos, sin [T, R] for RoPE on the first R dims (GPT-NeoX halves layout), in fp32 then dtype."""
+    inv_freq = theta ** -(
+        torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float32) / rotary_dim
+    )
+    angles_TR2 = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    angles_TR = torch.cat([angles_TR2, angles_TR2], dim=-1)
+    return angles_TR.cos().to(dtype), angles_TR.sin().to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotates the first R dims of x [B, T, H, D] (R = cos.shape[-1]); the rest pass through."""
+    R = cos.shape[-1]
+    if R == 0:
+        return x
+    rot, rest = x[..., :R], x[..., R:]
+    x1, x2 = rot.chunk(2, dim=-1)
+    cos_1T1R, sin_1T1R = cos[None, :, None, :], sin[None, :, None, :]
+    rotated = rot * cos_1T1R + torch.cat([-x2, x1], dim=-1) * sin_1T1R
+    return torch.cat([rotated, rest], dim=-1)
+
+
+def causal_attention(
+    q: Tensor, k: Tensor, v: Tensor, *, cu_seqlens: Tensor | None = None
+) -> Tensor:
+    """Causal softmax attention with GQA, scale 1/√D, no attention across packed sequences.
+
+    q [B, T, H, D], k/v [B, T, G, D] with G dividing H; cu_seqlens int64 [N + 1] with B == 1.
+    Returns [B, T, H, D]. Each packed sequence is one SDPA call: no [T, T] mask is built.
+    """
+    group = q.shape[2] // k.shape[2]
+    q_BHTD, k_BGTD, v_BGTD = (x.transpose(1, 2) for x in (q, k, v))
+    if group > 1:
+        k_BGTD = k_BGTD.repeat_interleave(group, dim=1)
+        v_BGTD = v_BGTD.repeat_interleave(group, dim=1)
+    if cu_seqlens is None:
+        out = F.scaled_dot_product_attention(q_BHTD, k_BGTD, v_BGTD, is_causal=True)
+        return out.transpose(1, 2)
+    outs = [
+        F.scaled_dot_product_attention(
+            q_BHTD[:, :, a:b], k_BGTD[:, :, a:b], v_BGTD[:, :, a:b], is_causal=True
+        )
+        for a, b in itertools.pairwise(cu_seqlens.tolist())
+    ]
+    return torch.cat(outs, dim=2).transpose(1, 2)
