@@ -1,1 +1,5 @@
-"""lightlong."""
+"""lightlong: MiniMax-01-style long-context language models (lightning attention, hybrid MoE)."""
+
+from lightlong.model import HybridConfig, HybridLM
+
+__all__ = ["HybridConfig", "HybridLM"]

@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 from lightlong.bench import attention as bench
 from lightlong.bench.attention import AttentionBenchConfig, lightning_flops, run_attention_bench
@@ -104,3 +105,45 @@ def test_bench_refuses_to_time_a_wrong_op(tmp_path, monkeypatch, capsys):
         run_attention_bench(cfg)
     assert not list(tmp_path.iterdir())
     assert "|" not in capsys.readouterr().out
+
+
+def test_info_on_the_full_model_preset():
+    out = subprocess.run(
+        [sys.executable, "-m", "lightlong", "info", "minimax-text-01", "--context", "1000000"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "LLLLLLLS" * 10 in out
+    assert "total 456.090B, active/token 45.945B" in out
+
+
+def test_info_memory_plan_grows_only_with_softmax_kv():
+    from lightlong.model import HybridConfig
+    from lightlong.model.info import memory_plan
+
+    cfg = HybridConfig.from_preset("minimax-text-01")
+    short, long = (memory_plan(cfg, T, 1, torch.bfloat16) for T in (1000, 1_000_000))
+    assert (
+        short["lightning_state_bytes"] == long["lightning_state_bytes"] == 70 * 64 * 128 * 128 * 4
+    )
+    assert (
+        long["softmax_kv_bytes"] == 1000 * short["softmax_kv_bytes"] == 10 * 2 * 8 * 128 * 2 * 10**6
+    )
+
+
+def test_info_on_a_checkpoint_dir_and_bad_names(tmp_path):
+    from lightlong.model import HybridConfig, HybridLM
+
+    HybridLM(HybridConfig.from_preset("tiny")).save_pretrained(tmp_path / "ck")
+    out = subprocess.run(
+        [sys.executable, "-m", "lightlong", "info", str(tmp_path / "ck")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "LLLS" in out
+    proc = subprocess.run(
+        [sys.executable, "-m", "lightlong", "info", "no-such-model"], capture_output=True, text=True
+    )
+    assert proc.returncode == 2 and "presets:" in proc.stderr

@@ -25,11 +25,15 @@ def positions_in_sequence(T: int, cu_seqlens: Tensor | None, device: torch.devic
 def rotary_cos_sin(
     positions: Tensor, rotary_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    """cos, sin [T, R] for RoPE on the first R dims (GPT-NeoX halves layout), in fp32 then dtype."""
+    """cos, sin [T, R] for RoPE on the first R dims (GPT-NeoX halves layout).
+
+    Angles are computed in fp32 (fp64 for fp64 models), then cast to dtype.
+    """
+    wide = torch.float64 if dtype == torch.float64 else torch.float32
     inv_freq = theta ** -(
-        torch.arange(0, rotary_dim, 2, device=positions.device, dtype=torch.float32) / rotary_dim
+        torch.arange(0, rotary_dim, 2, device=positions.device, dtype=wide) / rotary_dim
     )
-    angles_TR2 = positions.to(torch.float32)[:, None] * inv_freq[None, :]
+    angles_TR2 = positions.to(wide)[:, None] * inv_freq[None, :]
     angles_TR = torch.cat([angles_TR2, angles_TR2], dim=-1)
     return angles_TR.cos().to(dtype), angles_TR.sin().to(dtype)
 

@@ -15,20 +15,20 @@ from torch import Tensor
 class Routing:
     """Which experts each token goes to, and the tokens grouped by expert."""
 
-    weights: Tensor  # [N, k] fp32, normalised over the k chosen experts
+    weights: Tensor  # [N, k] fp32 (fp64 for fp64 logits), normalised over the k chosen
     experts: Tensor  # [N, k] int64 chosen experts
-    probs: Tensor  # [N, E] fp32 router softmax (for the aux loss)
+    probs: Tensor  # [N, E] router softmax in the weights' dtype (for the aux loss)
     order: Tensor  # [A] assignment ids sorted by expert (assignment a = token a // k)
     counts: list[int]  # [E] assignments per expert
 
 
 def route(logits: Tensor, top_k: int) -> Routing:
-    """Softmax over experts in fp32, top-k, weights renormalised to sum to 1 (MiniMax's rule).
+    """Softmax over experts in (at least) fp32, top-k, weights renormalised to sum to 1.
 
     logits [N, E]. Assignments are sorted by expert (a stable sort keeps token order), so each
     expert's tokens are one contiguous run: `counts[e]` assignments starting at sum(counts[:e]).
     """
-    probs = torch.softmax(logits.float(), dim=-1)
+    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
     top_w, top_e = torch.topk(probs, top_k, dim=-1)
     weights = top_w / top_w.sum(dim=-1, keepdim=True)
     order = torch.sort(top_e.reshape(-1), stable=True).indices
@@ -40,7 +40,7 @@ def load_balancing_loss(r: Routing) -> Tensor:
     """Switch-style aux loss E · Σ_e f_e · P_e: f_e the share of assignments to expert e per
     token (sums to k), P_e the mean router probability of e. Equals k when balanced."""
     N, E = r.probs.shape
-    f_E = torch.tensor(r.counts, dtype=torch.float32, device=r.probs.device) / max(N, 1)
+    f_E = torch.tensor(r.counts, dtype=r.probs.dtype, device=r.probs.device) / max(N, 1)
     return E * (f_E * r.probs.mean(dim=0)).sum()
 
 

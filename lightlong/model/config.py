@@ -1,0 +1,334 @@
+"""`HybridConfig`: the one description of a MiniMax-01-style hybrid model.
+
+Reads and writes MiniMax-Text-01's released `config.json` (`attn_type_list`,
+`layernorm_*_alpha/beta`, `postnorm`, `rotary_dim`) and reads `transformers`' `minimax`
+format (`layer_types`, `*_alpha_factor/*_beta_factor`, `partial_rotary_factor`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import math
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+LAYER_TYPES = ("lightning", "softmax")
+CONFIG_FORMATS = ("minimax", "transformers")
+_HF_LAYER_TYPES = {"linear_attention": "lightning", "full_attention": "softmax"}
+
+
+@dataclass
+class HybridConfig:
+    """Sizes and knobs of a hybrid lightning/softmax MoE language model."""
+
+    vocab_size: int = 1024
+    """Tokens in the vocabulary."""
+    hidden_size: int = 128
+    """Model width D."""
+    num_layers: int = 4
+    """Decoder layers L."""
+    num_heads: int = 4
+    """Attention heads H (lightning and softmax layers alike)."""
+    num_kv_heads: int = 2
+    """Key/value heads of the softmax layers (GQA); must divide num_heads."""
+    head_dim: int = 32
+    """Per-head dim."""
+    layer_types: list[str] = field(default_factory=lambda: ["lightning"] * 3 + ["softmax"])
+    """'lightning' or 'softmax' per layer (MiniMax-Text-01: softmax every 8th)."""
+    rotary_dim: int = 16
+    """Leading dims of each softmax head that RoPE rotates (64 of 128 in MiniMax)."""
+    rope_theta: float = 10000.0
+    """RoPE base (1e7 in MiniMax)."""
+    block_size: int = 64
+    """Lightning attention block size C."""
+    num_experts: int = 4
+    """Experts per MoE block."""
+    experts_per_token: int = 2
+    """Top-k experts each token is routed to."""
+    intermediate_size: int = 256
+    """Hidden size of each SwiGLU expert."""
+    router_aux_loss_coef: float = 0.001
+    """Weight of the load-balancing loss in the total loss."""
+    rms_norm_eps: float = 1e-5
+    """Epsilon of the layer and final RMSNorms."""
+    postnorm: bool = True
+    """MiniMax's residual: the branch adds to the normed input (True) or the raw input."""
+    linear_attn_alpha: float = 1.0
+    """Residual scale of lightning layers: x ← alpha · residual + beta · attn(x)."""
+    linear_attn_beta: float = 1.0
+    """Branch scale of lightning layers."""
+    full_attn_alpha: float = 1.0
+    """Residual scale of softmax layers."""
+    full_attn_beta: float = 1.0
+    """Branch scale of softmax layers."""
+    mlp_alpha: float = 1.0
+    """Residual scale of MoE blocks."""
+    mlp_beta: float = 1.0
+    """Branch scale of MoE blocks."""
+    tie_word_embeddings: bool = False
+    """Share the embedding matrix with the LM head."""
+    max_position_embeddings: int = 1 << 20
+    """Longest sequence the model accepts."""
+    initializer_range: float = 0.02
+    """Std of the normal initialisation of weights."""
+
+    def validate(self) -> HybridConfig:
+        """Raises ValueError naming the field and its allowed range; returns self."""
+        positive = (
+            "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
+            "block_size", "num_experts", "experts_per_token", "intermediate_size",
+            "max_position_embeddings",
+        )  # fmt: skip
+        for name in positive:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be a positive int, got {value!r}")
+        if self.num_heads % self.num_kv_heads:
+            raise ValueError(
+                f"num_kv_heads ({self.num_kv_heads}) must divide num_heads ({self.num_heads})"
+            )
+        if len(self.layer_types) != self.num_layers:
+            raise ValueError(
+                f"layer_types must have num_layers = {self.num_layers} entries, "
+                f"got {len(self.layer_types)}"
+            )
+        bad = sorted({t for t in self.layer_types if t not in LAYER_TYPES})
+        if bad:
+            raise ValueError(f"layer_types entries must be one of {LAYER_TYPES}, got {bad}")
+        if not 0 <= self.rotary_dim <= self.head_dim or self.rotary_dim % 2:
+            raise ValueError(
+                f"rotary_dim must be even and in [0, head_dim={self.head_dim}], "
+                f"got {self.rotary_dim}"
+            )
+        if not self.experts_per_token <= self.num_experts:
+            raise ValueError(
+                f"experts_per_token ({self.experts_per_token}) must be <= num_experts "
+                f"({self.num_experts})"
+            )
+        for name in ("rope_theta", "rms_norm_eps", "initializer_range"):
+            value = getattr(self, name)
+            if not isinstance(value, (int, float)) or not math.isfinite(value) or value <= 0:
+                raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+        if not self.router_aux_loss_coef >= 0:
+            raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+        return self
+
+    # ------------------------------------------------------------------ presets
+
+    @classmethod
+    def from_preset(cls, name: str) -> HybridConfig:
+        """A named configuration: see `PRESETS` (exact names; `-linear`/`-softmax` variants)."""
+        if name not in PRESETS:
+            raise ValueError(f"unknown preset {name!r}; valid presets: {sorted(PRESETS)}")
+        return dataclasses.replace(PRESETS[name], layer_types=list(PRESETS[name].layer_types))
+
+    # ------------------------------------------------------------------ JSON
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_minimax_dict(self) -> dict[str, Any]:
+        """The released MiniMax-Text-01 `config.json` fields."""
+        return {
+            "architectures": ["MiniMaxText01ForCausalLM"],
+            "model_type": "minimax_text_01",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "attn_type_list": [int(t == "softmax") for t in self.layer_types],
+            "rotary_dim": self.rotary_dim,
+            "rope_theta": self.rope_theta,
+            "block_size": self.block_size,
+            "num_local_experts": self.num_experts,
+            "num_experts_per_tok": self.experts_per_token,
+            "intermediate_size": self.intermediate_size,
+            "router_aux_loss_coef": self.router_aux_loss_coef,
+            "rms_norm_eps": self.rms_norm_eps,
+            "postnorm": self.postnorm,
+            "layernorm_linear_attention_alpha": self.linear_attn_alpha,
+            "layernorm_linear_attention_beta": self.linear_attn_beta,
+            "layernorm_full_attention_alpha": self.full_attn_alpha,
+            "layernorm_full_attention_beta": self.full_attn_beta,
+            "layernorm_mlp_alpha": self.mlp_alpha,
+            "layernorm_mlp_beta": self.mlp_beta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "initializer_range": self.initializer_range,
+            "hidden_act": "silu",
+        }
+
+    def to_hf_dict(self) -> dict[str, Any]:
+        """`transformers`' `minimax` config fields (for building its reference model)."""
+        return {
+            "model_type": "minimax",
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "num_hidden_layers": self.num_layers,
+            "num_attention_heads": self.num_heads,
+            "num_key_value_heads": self.num_kv_heads,
+            "head_dim": self.head_dim,
+            "layer_types": [
+                "full_attention" if t == "softmax" else "linear_attention" for t in self.layer_types
+            ],
+            "partial_rotary_factor": self.rotary_dim / self.head_dim,
+            "rope_theta": self.rope_theta,
+            "block_size": self.block_size,
+            "num_local_experts": self.num_experts,
+            "num_experts_per_tok": self.experts_per_token,
+            "intermediate_size": self.intermediate_size,
+            "router_aux_loss_coef": self.router_aux_loss_coef,
+            "rms_norm_eps": self.rms_norm_eps,
+            "linear_attn_alpha_factor": self.linear_attn_alpha,
+            "linear_attn_beta_factor": self.linear_attn_beta,
+            "full_attn_alpha_factor": self.full_attn_alpha,
+            "full_attn_beta_factor": self.full_attn_beta,
+            "mlp_alpha_factor": self.mlp_alpha,
+            "mlp_beta_factor": self.mlp_beta,
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "max_position_embeddings": self.max_position_embeddings,
+            "initializer_range": self.initializer_range,
+            "hidden_act": "silu",
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any], *, source: str = "config") -> HybridConfig:
+        """From lightlong's own fields, the released MiniMax format or `transformers`' format."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
+        own = {f.name for f in dataclasses.fields(cls)}
+        if "attn_type_list" in d or ("layer_types" in d and "num_hidden_layers" in d):
+            d = _from_minimax_or_hf(d, source)
+        unknown = sorted(set(d) - own)
+        if unknown:
+            raise ValueError(f"{source}: unknown fields {unknown}; valid: {sorted(own)}")
+        try:
+            return cls(**d).validate()
+        except (TypeError, ValueError) as e:
+            raise ValueError(f"{source}: {e}") from None
+
+    @classmethod
+    def from_json(cls, path: str | Path) -> HybridConfig:
+        """Reads a `config.json` in any of the three formats."""
+        path = Path(path)
+        try:
+            d = json.loads(path.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
+        return cls.from_dict(d, source=str(path))
+
+    def save_json(self, path: str | Path, *, format: str = "minimax") -> None:
+        """Writes config.json: the released MiniMax-Text-01 format, or "transformers"'."""
+        if format not in CONFIG_FORMATS:
+            raise ValueError(f"format must be one of {CONFIG_FORMATS}, got {format!r}")
+        d = self.to_minimax_dict() if format == "minimax" else self.to_hf_dict()
+        Path(path).write_text(json.dumps(d, indent=2) + "\n")
+
+
+def _from_minimax_or_hf(d: dict[str, Any], source: str) -> dict[str, Any]:
+    """Maps released-MiniMax or `transformers` fields onto HybridConfig's."""
+
+    def need(key: str) -> Any:
+        if key not in d:
+            raise ValueError(f"{source}: missing field {key!r}")
+        return d[key]
+
+    num_heads = need("num_attention_heads")
+    head_dim = d.get("head_dim") or need("hidden_size") // num_heads
+    if "attn_type_list" in d:
+        layer_types = [LAYER_TYPES[int(t)] for t in d["attn_type_list"]]
+        scale_keys = "layernorm_{}_attention_{}", "layernorm_mlp_{}"
+    else:
+        unknown = sorted({t for t in d["layer_types"] if t not in _HF_LAYER_TYPES})
+        if unknown:
+            raise ValueError(f"{source}: unknown layer_types {unknown}")
+        layer_types = [_HF_LAYER_TYPES[t] for t in d["layer_types"]]
+        scale_keys = "{}_attn_{}_factor", "mlp_{}_factor"
+    if "rotary_dim" in d:
+        rotary_dim = int(d["rotary_dim"])
+    else:
+        rope = d.get("rope_parameters") or {}
+        factor = d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
+        rotary_dim = int(head_dim * factor)
+    rope = d.get("rope_parameters") or {}
+    out = {
+        "vocab_size": need("vocab_size"),
+        "hidden_size": need("hidden_size"),
+        "num_layers": need("num_hidden_layers"),
+        "num_heads": num_heads,
+        "num_kv_heads": d.get("num_key_value_heads") or num_heads,
+        "head_dim": head_dim,
+        "layer_types": layer_types,
+        "rotary_dim": rotary_dim,
+        "rope_theta": float(d.get("rope_theta", rope.get("rope_theta", 10000.0))),
+        "block_size": d.get("block_size", 256),
+        "num_experts": need("num_local_experts"),
+        "experts_per_token": need("num_experts_per_tok"),
+        "intermediate_size": need("intermediate_size"),
+        "router_aux_loss_coef": d.get("router_aux_loss_coef", 0.001),
+        "rms_norm_eps": d.get("rms_norm_eps", 1e-5),
+        "postnorm": d.get("postnorm", True),
+        "tie_word_embeddings": d.get("tie_word_embeddings", False),
+        "max_position_embeddings": d.get("max_position_embeddings", 1 << 20),
+        "initializer_range": d.get("initializer_range", 0.02),
+    }
+    attn_key, mlp_key = scale_keys
+    for ours, theirs in (("linear", "linear"), ("full", "full")):
+        for part in ("alpha", "beta"):
+            key = attn_key.format(theirs, part)
+            out[f"{ours}_attn_{part}"] = float(d.get(key, 1.0))
+    for part in ("alpha", "beta"):
+        out[f"mlp_{part}"] = float(d.get(mlp_key.format(part), 1.0))
+    return out
+
+
+def _every(n: int, num_layers: int) -> list[str]:
+    """Softmax every n-th layer (layers n-1, 2n-1, ...), lightning elsewhere."""
+    return ["softmax" if (i + 1) % n == 0 else "lightning" for i in range(num_layers)]
+
+
+def _with_variants(name: str, base: HybridConfig) -> dict[str, HybridConfig]:
+    """A preset and its all-lightning and all-softmax twins of the same size."""
+    L = base.num_layers
+    return {
+        name: base,
+        f"{name}-linear": dataclasses.replace(base, layer_types=["lightning"] * L),
+        f"{name}-softmax": dataclasses.replace(base, layer_types=["softmax"] * L),
+    }
+
+
+_MINIMAX_RESIDUAL = (2 * 80) ** 0.25  # DeepNorm-style alpha of the released model
+
+PRESETS: dict[str, HybridConfig] = {
+    **_with_variants(
+        "minimax-text-01",
+        HybridConfig(
+            vocab_size=200064, hidden_size=6144, num_layers=80, num_heads=64, num_kv_heads=8,
+            head_dim=128, layer_types=_every(8, 80), rotary_dim=64, rope_theta=1e7,
+            block_size=256, num_experts=32, experts_per_token=2, intermediate_size=9216,
+            router_aux_loss_coef=0.001, rms_norm_eps=1e-5, postnorm=True,
+            linear_attn_alpha=_MINIMAX_RESIDUAL, full_attn_alpha=_MINIMAX_RESIDUAL,
+            mlp_alpha=_MINIMAX_RESIDUAL, max_position_embeddings=10240000,
+        ),
+    ),
+    **_with_variants(
+        "tiny",
+        HybridConfig(
+            vocab_size=512, hidden_size=64, num_layers=4, num_heads=4, num_kv_heads=2,
+            head_dim=16, layer_types=_every(4, 4), rotary_dim=8, num_experts=4,
+            experts_per_token=2, intermediate_size=128,
+        ),
+    ),
+    **_with_variants(
+        "small",
+        HybridConfig(
+            vocab_size=8192, hidden_size=512, num_layers=8, num_heads=8, num_kv_heads=2,
+            head_dim=64, layer_types=_every(8, 8), rotary_dim=32, num_experts=8,
+            experts_per_token=2, intermediate_size=384,
+        ),
+    ),
+}  # fmt: skip

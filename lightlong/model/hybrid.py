@@ -1,0 +1,197 @@
+"""`HybridLM`: embeddings -> decoder layers (lightning / softmax mixers, MoE) -> norm -> LM head.
+
+# B batch, T tokens, D model dim, V vocab, N packed sequences
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from lightlong.model.config import HybridConfig
+from lightlong.nn import DecoderLayer, Expert, RMSNorm, SequenceInfo
+from lightlong.ops.attention import positions_in_sequence, rotary_cos_sin
+from lightlong.ops.varlen import check_cu_seqlens
+
+IGNORE_INDEX = -100
+
+
+@dataclass
+class LMOutput:
+    """What `HybridLM.forward` returns."""
+
+    logits: Tensor
+    """[B, T', V] for the positions asked for (all, the last k, or given indices)."""
+    loss: Tensor | None = None
+    """lm_loss + router_aux_loss_coef · aux_loss, when labels are given."""
+    lm_loss: Tensor | None = None
+    """Mean next-token cross-entropy over labels != -100 (fp32)."""
+    aux_loss: Tensor | None = None
+    """MoE load-balancing loss averaged over layers (fp32)."""
+
+
+class HybridBackbone(nn.Module):
+    """Token embeddings, the decoder layers and the final norm (checkpoint prefix `model.`)."""
+
+    def __init__(self, config: HybridConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config, i) for i in range(config.num_layers))
+        self.norm = RMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+
+class HybridLM(nn.Module):
+    """A MiniMax-01-style causal language model of any size."""
+
+    def __init__(self, config: HybridConfig):
+        super().__init__()
+        self.config = config.validate()
+        self.model = HybridBackbone(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.tie_weights()
+        self.init_weights()
+
+    def tie_weights(self) -> None:
+        """Shares the embedding with the LM head when the config says so (again after
+        `to_empty`, which gives every module its own new tensor)."""
+        if self.config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+
+    @torch.no_grad()
+    def init_weights(self) -> None:
+        """Normal(0, initializer_range) for linear and embedding weights; norms to one."""
+        std = self.config.initializer_range
+        for m in self.modules():
+            if isinstance(m, (nn.Linear, nn.Embedding)):
+                m.weight.normal_(0.0, std)
+            elif isinstance(m, RMSNorm):
+                m.weight.fill_(1.0)
+
+    def forward(
+        self,
+        input_ids: Tensor,
+        *,
+        cu_seqlens: Tensor | None = None,
+        labels: Tensor | None = None,
+        logits_to_keep: int | Tensor | None = None,
+    ) -> LMOutput:
+        """Runs the model.
+
+        Args:
+            input_ids: int64 [B, T].
+            cu_seqlens: int64 [N + 1] offsets of documents packed along T (B == 1): no
+                attention, no lightning state and no loss crosses a document boundary, and
+                positions restart at each document.
+            labels: int64 [B, T], aligned with input_ids (shifted inside); -100 is ignored.
+            logits_to_keep: None (all positions), k (the last k) or int64 indices [T'].
+
+        Returns:
+            LMOutput with logits [B, T', V] and, given labels, the losses.
+        """
+        c = self.config
+        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+            raise ValueError("input_ids must be an int tensor [B, T]")
+        if input_ids.dtype not in (torch.int64, torch.int32):
+            raise ValueError(f"input_ids must be int64, got {input_ids.dtype}")
+        B, T = input_ids.shape
+        if c.max_position_embeddings < T:
+            raise ValueError(
+                f"input_ids has T={T} tokens, over max_position_embeddings="
+                f"{c.max_position_embeddings}"
+            )
+        if T and (int(input_ids.min()) < 0 or int(input_ids.max()) >= c.vocab_size):
+            raise ValueError(f"input_ids must be in [0, vocab_size={c.vocab_size})")
+        if cu_seqlens is not None:
+            check_cu_seqlens(cu_seqlens, B, T)
+        if labels is not None and labels.shape != input_ids.shape:
+            raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}")
+
+        x = self.model.embed_tokens(input_ids)
+        positions = positions_in_sequence(T, cu_seqlens, x.device)
+        seq = SequenceInfo(
+            cu_seqlens, rotary_cos_sin(positions, c.rotary_dim, c.rope_theta, x.dtype)
+        )
+        aux = x.new_zeros((), dtype=torch.float32)
+        for layer in self.model.layers:
+            x, layer_aux = layer(x, seq)
+            aux = aux + layer_aux
+        aux = aux / c.num_layers
+        h = self.model.norm(x)
+
+        out = LMOutput(logits=self.lm_head(_keep(h, logits_to_keep)), aux_loss=aux)
+        if labels is not None:
+            logits = out.logits if logits_to_keep is None else self.lm_head(h)
+            out.lm_loss = _next_token_loss(logits, labels, cu_seqlens)
+            out.loss = out.lm_loss + c.router_aux_loss_coef * aux
+        return out
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+    ) -> HybridLM:
+        """Loads a directory with config.json + model.safetensors (or a sharded index), in
+        MiniMax-Text-01's released layout or `transformers`' MiniMax layout."""
+        from lightlong.model.checkpoint import load_pretrained
+
+        return load_pretrained(path, dtype=dtype, device=device)
+
+    def save_pretrained(
+        self, path: str | Path, *, max_shard_size: int | str = "5GB", config_format: str = "minimax"
+    ) -> None:
+        """Writes config.json ("minimax": released; "transformers") and safetensors shards
+        with the released weight names, atomically."""
+        from lightlong.model.checkpoint import save_pretrained
+
+        save_pretrained(self, path, max_shard_size=max_shard_size, config_format=config_format)
+
+    def param_count(self) -> dict[str, int]:
+        """Parameters: total, embedding (input + untied output), and active per token.
+
+        Active counts what one token uses, as MiniMax does: all non-embedding parameters
+        except the experts a token is not routed to (k of E experts run).
+        """
+        c = self.config
+        total = sum(p.numel() for p in self.parameters())
+        embedding = self.model.embed_tokens.weight.numel()
+        if not c.tie_word_embeddings:
+            embedding += self.lm_head.weight.numel()
+        experts = sum(
+            p.numel() for m in self.modules() if isinstance(m, Expert) for p in m.parameters()
+        )
+        idle = experts * (c.num_experts - c.experts_per_token) // c.num_experts
+        return {"total": total, "embedding": embedding, "active": total - embedding - idle}
+
+
+def _keep(h: Tensor, logits_to_keep: int | Tensor | None) -> Tensor:
+    """Selects the positions whose logits are wanted from h [B, T, D]."""
+    if logits_to_keep is None:
+        return h
+    if isinstance(logits_to_keep, int) and not isinstance(logits_to_keep, bool):
+        if not 0 < logits_to_keep <= h.shape[1]:
+            raise ValueError(f"logits_to_keep must be in [1, T={h.shape[1]}], got {logits_to_keep}")
+        return h[:, -logits_to_keep:]
+    if isinstance(logits_to_keep, Tensor) and logits_to_keep.dim() == 1:
+        return h.index_select(1, logits_to_keep.to(h.device))
+    raise ValueError("logits_to_keep must be None, a positive int or a 1-D index tensor")
+
+
+def _next_token_loss(logits: Tensor, labels: Tensor, cu_seqlens: Tensor | None) -> Tensor:
+    """Mean cross-entropy of logits[:, t] against labels[:, t + 1], in fp32.
+
+    With packed documents, the last token of a document does not predict the next one's first.
+    """
+    targets = labels[:, 1:].clone()
+    if cu_seqlens is not None:
+        starts = cu_seqlens[1:-1]
+        targets[:, (starts[starts > 0] - 1).clamp(max=targets.shape[1] - 1)] = IGNORE_INDEX
+    return F.cross_entropy(
+        logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX
+    )

@@ -1,0 +1,54 @@
+"""One decoder layer: token mixer and MoE, each with MiniMax's scaled residual."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+from torch import Tensor, nn
+
+from lightlong.nn.attention import LightningAttention, SequenceInfo, SoftmaxAttention
+from lightlong.nn.moe import MoE
+from lightlong.nn.norm import RMSNorm
+
+if TYPE_CHECKING:  # the config is data; nn does not import the model package at run time
+    from lightlong.model.config import HybridConfig
+
+
+def make_mixer(config: HybridConfig, layer_idx: int) -> nn.Module:
+    """The token mixer that `config.layer_types[layer_idx]` names."""
+    c = config
+    if c.layer_types[layer_idx] == "lightning":
+        return LightningAttention(
+            c.hidden_size, c.num_heads, c.head_dim, layer_idx, c.num_layers, c.block_size
+        )
+    return SoftmaxAttention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim)
+
+
+class DecoderLayer(nn.Module):
+    """x ← α·r + β·mixer(norm(x)), then x ← α'·r' + β'·moe(norm(x)).
+
+    r is the normed input when `postnorm` (MiniMax-Text-01), the raw input otherwise.
+    """
+
+    def __init__(self, config: HybridConfig, layer_idx: int):
+        super().__init__()
+        c = config
+        self.postnorm = c.postnorm
+        self.input_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+        self.self_attn = make_mixer(c, layer_idx)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps)
+        self.block_sparse_moe = MoE(
+            c.hidden_size, c.intermediate_size, c.num_experts, c.experts_per_token
+        )
+        lightning = c.layer_types[layer_idx] == "lightning"
+        self.attn_alpha = c.linear_attn_alpha if lightning else c.full_attn_alpha
+        self.attn_beta = c.linear_attn_beta if lightning else c.full_attn_beta
+        self.mlp_alpha, self.mlp_beta = c.mlp_alpha, c.mlp_beta
+
+    def forward(self, x: Tensor, seq: SequenceInfo) -> tuple[Tensor, Tensor]:
+        """x [B, T, D] -> ([B, T, D], MoE aux loss)."""
+        h = self.input_layernorm(x)
+        x = (h if self.postnorm else x) * self.attn_alpha + self.self_attn(h, seq) * self.attn_beta
+        h = self.post_attention_layernorm(x)
+        y, aux = self.block_sparse_moe(h)
+        return (h if self.postnorm else x) * self.mlp_alpha + y * self.mlp_beta, aux
