@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/lightlong bench attention --quick
+	$(VENV)/bin/lightlong bench attention --quick --out-dir runs/bench
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q
@@ -26,6 +26,7 @@ test-all: $(STAMP)
 
 bench: $(STAMP)
 	$(VENV)/bin/lightlong bench attention
+	$(VENV)/bin/lightlong bench model
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

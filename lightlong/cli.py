@@ -8,6 +8,7 @@ import json
 import sys
 
 from lightlong.config import add_config_args, config_from_args
+from lightlong.runtime import keep_freed_memory
 
 
 def _run_config(cls, run):
@@ -68,6 +69,7 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> None:
     """Entry point of the `lightlong` console script."""
     args = build_parser().parse_args(argv)
+    keep_freed_memory()
     try:
         args.func(args)
     except ValueError as e:

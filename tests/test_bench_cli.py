@@ -147,3 +147,19 @@ def test_info_on_a_checkpoint_dir_and_bad_names(tmp_path):
         [sys.executable, "-m", "lightlong", "info", "no-such-model"], capture_output=True, text=True
     )
     assert proc.returncode == 2 and "presets:" in proc.stderr
+
+
+def test_targets_report_met_missed_and_unmeasured():
+    from lightlong.bench.report import target, targets_line
+
+    line = targets_line(
+        {
+            "a": target(0.9, ">=", 0.85, "flat"),
+            "b": target(5.0, "<=", 4.4, "memory"),
+            "c": target(None, ">=", 20, "speedup", ".0f"),
+        }
+    )
+    assert line == (
+        "targets: flat = 0.90 (>= 0.85, met); memory = 5.00 (<= 4.4, MISSED); "
+        "speedup = - (>= 20, not measured)"
+    )

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 
 from lightlong.bench.machine import describe_machine, matmul_gflops
+from lightlong.bench.report import fmt, ratio, target, targets_line
 from lightlong.bench.worker import log, run_in_fresh_process
 from lightlong.ops import decay_rates, lightning_attn, lightning_attn_naive
 from lightlong.ops.lightning.api import DEFAULT_BLOCK_SIZE
@@ -203,9 +204,6 @@ def _summarise(cfg: AttentionBenchConfig, rows: list[dict], block: int, peak: fl
     def at(T: int, key: str):
         return next((e[key] for e in table if e["T"] == T and key in e), None)
 
-    def ratio(a, b):
-        return a / b if a is not None and b else None
-
     longest_T = max((T for T in (e["T"] for e in table) if at(T, "speedup_fwd")), default=None)
     sdpa_pts = [(e["T"], e["sdpa_fwd_s"]) for e in table if "sdpa_fwd_s" in e][-3:]
     lit_pts = [(e["T"], e["fwd_s"]) for e in table if "fwd_s" in e][-3:]
@@ -224,14 +222,24 @@ def _summarise(cfg: AttentionBenchConfig, rows: list[dict], block: int, peak: fl
             "speedup_fwd": c_s * T1M**p_s / lit_1m,
         }
     targets = {
-        "fwd_tok_s_1M_over_4K": ratio(at(2**20, "fwd_tok_s"), at(4096, "fwd_tok_s")),
-        "fwdbwd_tok_s_256K_over_4K": ratio(at(2**18, "fwdbwd_tok_s"), at(4096, "fwdbwd_tok_s")),
-        "fwd_gflops_64K_over_matmul": ratio(at(2**16, "fwd_gflops"), peak),
-        "speedup_vs_sdpa_64K": at(2**16, "speedup_fwd"),
-        "fwdbwd_peak_256K_over_64K": ratio(
-            at(2**18, "fwdbwd_peak_mb"), at(2**16, "fwdbwd_peak_mb")
+        "fwd_flat_1M": target(
+            ratio(at(2**20, "fwd_tok_s"), at(4096, "fwd_tok_s")), ">=", 0.85, "fwd tok/s 1M/4K"
         ),
-    }
+        "fwdbwd_flat_256K": target(
+            ratio(at(2**18, "fwdbwd_tok_s"), at(4096, "fwdbwd_tok_s")), ">=", 0.85,
+            "fwd+bwd tok/s 256K/4K",
+        ),
+        "fwd_matmul_share_64K": target(
+            ratio(at(2**16, "fwd_gflops"), peak), ">=", 0.5, "fwd GFLOP/s at 64K / matmul"
+        ),
+        "speedup_vs_sdpa_64K": target(
+            at(2**16, "speedup_fwd"), ">=", 20, "speedup vs SDPA at 64K", ".0f"
+        ),
+        "fwdbwd_memory_linear": target(
+            ratio(at(2**18, "fwdbwd_peak_mb"), at(2**16, "fwdbwd_peak_mb")), "<=", 4.4,
+            "fwd+bwd peak 256K/64K",
+        ),
+    }  # fmt: skip
     return {
         "benchmark": "attention",
         "config": asdict(cfg),
@@ -247,10 +255,6 @@ def _summarise(cfg: AttentionBenchConfig, rows: list[dict], block: int, peak: fl
     }
 
 
-def _fmt(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def format_table(report: dict) -> str:
     """The report's rows as a Markdown table, then the ratios."""
     lines = [
@@ -262,11 +266,11 @@ def format_table(report: dict) -> str:
     for e in report["rows"]:
         g = e.get("fwd_gflops")
         lines.append(
-            f"| {e['T']} | {_fmt(e.get('fwd_tok_s'), ',.0f')} | {_fmt(g, '.1f')} | "
-            f"{_fmt(g and 100 * g / peak, '.0f')} | {_fmt(e.get('fwdbwd_tok_s'), ',.0f')} | "
-            f"{_fmt(e.get('fwd_peak_mb'), ',.0f')} | {_fmt(e.get('fwdbwd_peak_mb'), ',.0f')} | "
-            f"{_fmt(e.get('sdpa_fwd_s'), '.3f')} | {_fmt(e.get('sdpa_fwdbwd_s'), '.3f')} | "
-            f"{_fmt(e.get('speedup_fwd'), '.1f')} | {_fmt(e.get('speedup_fwdbwd'), '.1f')} |"
+            f"| {e['T']} | {fmt(e.get('fwd_tok_s'), ',.0f')} | {fmt(g, '.1f')} | "
+            f"{fmt(g and 100 * g / peak, '.0f')} | {fmt(e.get('fwdbwd_tok_s'), ',.0f')} | "
+            f"{fmt(e.get('fwd_peak_mb'), ',.0f')} | {fmt(e.get('fwdbwd_peak_mb'), ',.0f')} | "
+            f"{fmt(e.get('sdpa_fwd_s'), '.3f')} | {fmt(e.get('sdpa_fwdbwd_s'), '.3f')} | "
+            f"{fmt(e.get('speedup_fwd'), '.1f')} | {fmt(e.get('speedup_fwdbwd'), '.1f')} |"
         )
     m = report["machine"]
     lines.append("")
@@ -289,18 +293,7 @@ def format_table(report: dict) -> str:
             f"(fit T^{ex['sdpa_exponent']:.2f}) "
             f"vs lightning {ex['lightning_fwd_s']:.2f}s ({which}): ~{ex['speedup_fwd']:.0f}x"
         )
-    t = report["targets"]
-    lines.append(
-        "targets: fwd tok/s 1M/4K = {} (>= 0.85); fwd+bwd tok/s 256K/4K = {} (>= 0.85); "
-        "fwd GFLOP/s at 64K / matmul = {} (>= 0.50); speedup vs SDPA at 64K = {} (>= 20); "
-        "fwd+bwd peak 256K/64K = {} (<= 4.4)".format(
-            _fmt(t["fwd_tok_s_1M_over_4K"], ".2f"),
-            _fmt(t["fwdbwd_tok_s_256K_over_4K"], ".2f"),
-            _fmt(t["fwd_gflops_64K_over_matmul"], ".2f"),
-            _fmt(t["speedup_vs_sdpa_64K"], ".0f"),
-            _fmt(t["fwdbwd_peak_256K_over_64K"], ".2f"),
-        )
-    )
+    lines.append(targets_line(report["targets"]))
     return "\n".join(lines)
 
 

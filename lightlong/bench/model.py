@@ -18,6 +18,7 @@ from pathlib import Path
 import torch
 
 from lightlong.bench.machine import describe_machine
+from lightlong.bench.report import fmt, ratio, target, targets_line
 from lightlong.bench.worker import log, run_in_fresh_process
 from lightlong.model import HybridConfig, HybridLM
 
@@ -156,23 +157,24 @@ def _summarise(cfg: ModelBenchConfig, rows: dict, err: float | None) -> dict:
     def at(T: int, key: str):
         return table.get(T, {}).get(key)
 
-    def ratio(a, b):
-        return a / b if a is not None and b else None
-
     targets = {
-        "prefill_tok_s_vs_transformers_16K": ratio(
-            at(16384, f"{ours}:prefill_tok_s"), at(16384, f"{hf}:prefill_tok_s")
+        "prefill_vs_transformers_16K": target(
+            ratio(at(16384, f"{ours}:prefill_tok_s"), at(16384, f"{hf}:prefill_tok_s")), ">=", 2,
+            "prefill tok/s vs transformers at 16K",
         ),
-        "fwdbwd_tok_s_vs_transformers_8K": ratio(
-            at(8192, f"{ours}:fwdbwd_tok_s"), at(8192, f"{hf}:fwdbwd_tok_s")
+        "fwdbwd_vs_transformers_8K": target(
+            ratio(at(8192, f"{ours}:fwdbwd_tok_s"), at(8192, f"{hf}:fwdbwd_tok_s")), ">=", 2,
+            "fwd+bwd tok/s vs transformers at 8K",
         ),
-        "prefill_peak_vs_transformers_64K": ratio(
-            at(65536, f"{ours}:prefill_peak_mb"), at(65536, f"{hf}:prefill_peak_mb")
+        "prefill_memory_vs_transformers_64K": target(
+            ratio(at(65536, f"{ours}:prefill_peak_mb"), at(65536, f"{hf}:prefill_peak_mb")),
+            "<=", 0.5, "prefill peak memory vs transformers at 64K",
         ),
-        "linear_prefill_tok_s_64K_over_4K": ratio(
-            at(65536, f"{lin}:prefill_tok_s"), at(4096, f"{lin}:prefill_tok_s")
+        "linear_prefill_flat_64K": target(
+            ratio(at(65536, f"{lin}:prefill_tok_s"), at(4096, f"{lin}:prefill_tok_s")), ">=",
+            0.8, f"{cfg.preset}-linear prefill tok/s 64K/4K",
         ),
-    }
+    }  # fmt: skip
     with torch.device("meta"):
         params = HybridLM(HybridConfig.from_preset(cfg.preset)).param_count()
     return {
@@ -187,10 +189,6 @@ def _summarise(cfg: ModelBenchConfig, rows: dict, err: float | None) -> dict:
     }
 
 
-def _fmt(x, spec: str) -> str:
-    return "-" if x is None else format(x, spec)
-
-
 def format_table(report: dict) -> str:
     """Markdown: tok/s and peak MB per implementation and length, then the target ratios."""
     series = report["series"]
@@ -202,9 +200,9 @@ def format_table(report: dict) -> str:
         cells = [str(r["T"])]
         for s in series:
             cells += [
-                _fmt(r.get(f"{s}:prefill_tok_s"), ",.0f"),
-                _fmt(r.get(f"{s}:fwdbwd_tok_s"), ",.0f"),
-                _fmt(r.get(f"{s}:prefill_peak_mb"), ",.0f"),
+                fmt(r.get(f"{s}:prefill_tok_s"), ",.0f"),
+                fmt(r.get(f"{s}:fwdbwd_tok_s"), ",.0f"),
+                fmt(r.get(f"{s}:prefill_peak_mb"), ",.0f"),
             ]
         lines.append("| " + " | ".join(cells) + " |")
     m, t, model = report["machine"], report["targets"], report["model"]
@@ -212,14 +210,7 @@ def format_table(report: dict) -> str:
         "",
         f"machine: {m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}; "
         f"{model['preset']}: {model['params']['total'] / 1e6:.1f}M params, fp32",
-        "targets: prefill vs transformers at 16K = {} (>= 2); fwd+bwd vs transformers at 8K = "
-        "{} (>= 2); prefill peak memory vs transformers at 64K = {} (<= 0.5); linear prefill "
-        "tok/s 64K/4K = {} (>= 0.8)".format(
-            _fmt(t["prefill_tok_s_vs_transformers_16K"], ".2f"),
-            _fmt(t["fwdbwd_tok_s_vs_transformers_8K"], ".2f"),
-            _fmt(t["prefill_peak_vs_transformers_64K"], ".2f"),
-            _fmt(t["linear_prefill_tok_s_64K_over_4K"], ".2f"),
-        ),
+        targets_line(t),
     ]
     return "\n".join(lines)
 

@@ -15,6 +15,7 @@ from collections.abc import Callable
 import torch
 
 from lightlong.bench.machine import reset_peak_rss, rss_bytes, sync
+from lightlong.runtime import keep_freed_memory, release_freed_memory
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MIN_REPS, _MAX_REPS = 3, 50
@@ -59,11 +60,12 @@ def _peak_since(device: str, baseline: int) -> int:
 
 
 def time_and_peak(fn: Callable[[], object], device: str) -> tuple[float, int]:
-    """Best wall time of fn over repeated runs, and the peak memory they added.
+    """Best wall time of fn over repeated runs, and the peak memory one run adds.
 
-    One untimed run first (on virtual machines the first touch of fresh memory costs far
-    more than the op: the host's cost, not the op's); then enough runs to fill ~_BUDGET_S,
-    at least _MIN_REPS, or one when a run takes over _SLOW_S.
+    The first run measures memory, with glibc's default malloc and the heap's free pages
+    returned first, so the peak is what the op really touches. The timed runs then keep
+    freed memory for reuse (`keep_freed_memory`), as `lightlong` commands do: enough runs to
+    fill ~_BUDGET_S, at least _MIN_REPS, or one when a run takes over _SLOW_S.
     """
 
     def once() -> float:
@@ -73,11 +75,15 @@ def time_and_peak(fn: Callable[[], object], device: str) -> tuple[float, int]:
         sync(device)
         return time.perf_counter() - t0
 
+    keep_freed_memory(False)
+    release_freed_memory()
     baseline = _reset_peak(device)
     first = once()
+    peak = _peak_since(device, baseline)
+    keep_freed_memory(True)
+    once()  # the pages the timed runs reuse
     reps = 1 if first > _SLOW_S else max(_MIN_REPS, min(_MAX_REPS, int(_BUDGET_S / first)))
-    best = min(once() for _ in range(reps))
-    return best, _peak_since(device, baseline)
+    return min(once() for _ in range(reps)), peak
 
 
 def measure_attention(spec: dict) -> dict:
