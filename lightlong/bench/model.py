@@ -37,6 +37,9 @@ class ModelBenchConfig:
     """Also measure `transformers`' MiniMaxForCausalLM (needs the `hf` extra)."""
     limit_s: float = 120.0
     """A measurement whose predicted time exceeds this is skipped (and longer ones too)."""
+    fwdbwd_max_len: int = 32768
+    """Longest length with forward+backward: without activation checkpointing the `small`
+    model's saved activations and [T, vocab] logits at 64K exceed a 24 GB machine."""
     out_dir: str = "benchmarks/results"
     """Where the JSON, Markdown and PNG go."""
 
@@ -47,6 +50,8 @@ class ModelBenchConfig:
             raise ValueError(f"lengths must be >= 2, got {self.lengths}")
         if self.limit_s <= 0:
             raise ValueError(f"limit_s must be > 0, got {self.limit_s}")
+        if self.fwdbwd_max_len < 0:
+            raise ValueError(f"fwdbwd_max_len must be >= 0, got {self.fwdbwd_max_len}")
 
 
 def _comparable(preset: str) -> HybridConfig:
@@ -108,7 +113,12 @@ def run_model_bench(cfg: ModelBenchConfig) -> dict:
             done = {"prefill": [], "fwdbwd": []}
             for T in lengths:
                 t0 = time.perf_counter()
-                modes = [m for m, pts in done.items() if _predict(pts, T) <= cfg.limit_s]
+                modes = [
+                    m
+                    for m, pts in done.items()
+                    if _predict(pts, T) <= cfg.limit_s
+                    and (m == "prefill" or cfg.fwdbwd_max_len >= T)
+                ]
                 if not modes:
                     break
                 spec = {"kind": "model", "impl": impl, "checkpoint": str(ck), "T": T,
