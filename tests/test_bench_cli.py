@@ -61,22 +61,20 @@ def test_config_file_unknown_key_is_named(tmp_path):
         config_from_args(AttentionBenchConfig, args)
 
 
+def lightlong_cli(*args: str) -> subprocess.CompletedProcess:
+    """Runs `python -m lightlong ARGS` and captures its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "lightlong", *args], capture_output=True, text=True
+    )
+
+
 def test_cli_print_config():
-    out = subprocess.run(
-        [sys.executable, "-m", "lightlong", "bench", "attention", "--quick", "--print-config"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
-    assert json.loads(out)["quick"] is True
+    out = lightlong_cli("bench", "attention", "--quick", "--print-config")
+    assert json.loads(out.stdout)["quick"] is True
 
 
 def test_cli_bad_value_is_a_clear_error():
-    proc = subprocess.run(
-        [sys.executable, "-m", "lightlong", "bench", "attention", "--heads", "0"],
-        capture_output=True,
-        text=True,
-    )
+    proc = lightlong_cli("bench", "attention", "--heads", "0")
     assert proc.returncode == 2
     assert "heads must be >= 1" in proc.stderr
 
@@ -108,12 +106,7 @@ def test_bench_refuses_to_time_a_wrong_op(tmp_path, monkeypatch, capsys):
 
 
 def test_info_on_the_full_model_preset():
-    out = subprocess.run(
-        [sys.executable, "-m", "lightlong", "info", "minimax-text-01", "--context", "1000000"],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = lightlong_cli("info", "minimax-text-01", "--context", "1000000").stdout
     assert "LLLLLLLS" * 10 in out
     assert "total 456.090B, active/token 45.945B" in out
 
@@ -136,16 +129,9 @@ def test_info_on_a_checkpoint_dir_and_bad_names(tmp_path):
     from lightlong.model import HybridConfig, HybridLM
 
     HybridLM(HybridConfig.from_preset("tiny")).save_pretrained(tmp_path / "ck")
-    out = subprocess.run(
-        [sys.executable, "-m", "lightlong", "info", str(tmp_path / "ck")],
-        capture_output=True,
-        text=True,
-        check=True,
-    ).stdout
+    out = lightlong_cli("info", str(tmp_path / "ck")).stdout
     assert "LLLS" in out
-    proc = subprocess.run(
-        [sys.executable, "-m", "lightlong", "info", "no-such-model"], capture_output=True, text=True
-    )
+    proc = lightlong_cli("info", "no-such-model")
     assert proc.returncode == 2 and "presets:" in proc.stderr
 
 
