@@ -1,6 +1,6 @@
 """The whole model, lightlong vs transformers: same as `lightlong bench model`.
 
-    python benchmarks/model.py [--preset small] [--lengths ...] [...]
+python benchmarks/model.py [--preset small] [--lengths ...] [...]
 """
 
 import sys
