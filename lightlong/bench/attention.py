@@ -162,7 +162,7 @@ def run_attention_bench(cfg: AttentionBenchConfig) -> dict:
 
     peak = max(peak_before, matmul_gflops(device=cfg.device))
     report = _summarise(cfg, rows, block, peak, err)
-    _print_table(report)
+    print(format_table(report))
     _write(report, cfg)
     return report
 
@@ -295,10 +295,6 @@ def format_table(report: dict) -> str:
         )
     lines.append(targets_line(report["targets"]))
     return "\n".join(lines)
-
-
-def _print_table(report: dict) -> None:
-    print(format_table(report))
 
 
 def _write(report: dict, cfg: AttentionBenchConfig) -> None:
