@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import itertools
 import json
 import sys
+from pathlib import Path
 
 from lightlong.config import add_config_args, config_from_args
 from lightlong.runtime import keep_freed_memory
@@ -35,9 +37,67 @@ def _info(args: argparse.Namespace) -> None:
     print(describe(resolve_config(args.model), args.context, args.batch, dtypes[args.dtype]))
 
 
+def _tokenizer_train(args: argparse.Namespace) -> None:
+    from lightlong.tokenizer import train_bpe
+
+    tok = train_bpe(args.files, args.vocab_size, args.out, min_frequency=args.min_frequency)
+    print(f"wrote {tok.path} (vocab size {tok.vocab_size})")
+
+
+def _generate(args: argparse.Namespace) -> None:
+    import torch
+    from tqdm import tqdm
+
+    from lightlong.infer import Engine, SamplingParams
+    from lightlong.model.info import load_model
+    from lightlong.tokenizer import load_tokenizer
+
+    if args.prompt_file is not None:
+        try:
+            prompt = Path(args.prompt_file).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise ValueError(f"--prompt-file {args.prompt_file}: {e}") from None
+    else:
+        prompt = args.prompt
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    model = load_model(args.model, dtype=dtype, device=args.device, seed=args.seed or 0)
+    source = args.tokenizer if args.tokenizer is not None else args.model
+    tokenizer = load_tokenizer(source if Path(source).exists() else None)
+    engine = Engine(model, tokenizer, prefill_chunk=args.prefill_chunk)
+    params = SamplingParams(
+        max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
+        stop=args.stop, stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos,
+    )  # fmt: skip
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise ValueError("the prompt is empty: give --prompt or --prompt-file some text")
+    bar = tqdm(
+        total=len(ids), desc="prefill", unit="tok", file=sys.stderr, unit_scale=True,
+        disable=len(ids) < 4 * args.prefill_chunk,
+    )  # fmt: skip
+    with bar:
+        events = engine.stream(ids, params, progress=bar.update)
+        first = next(events)
+        bar.close()
+        for ev in itertools.chain([first], events):
+            sys.stdout.write(ev.text)
+            sys.stdout.flush()
+    st = engine.stats
+    kv = st.cache_bytes
+    print(
+        f"\n[{len(ids):,} prompt tokens at {st.prefill_tok_s:,.0f} tok/s; {st.decode_tokens} "
+        f"new at {st.decode_tok_s:,.1f} tok/s; finish: {ev.finish_reason}; cache "
+        f"{kv['total'] / 2**20:,.1f} MiB (lightning {kv['lightning'] / 2**20:,.1f}, "
+        f"softmax KV {kv['softmax_kv'] / 2**20:,.1f})]",
+        file=sys.stderr,
+    )
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full command tree."""
     from lightlong.bench.attention import AttentionBenchConfig, run_attention_bench
+    from lightlong.bench.generate import GenerateBenchConfig, run_generate_bench
     from lightlong.bench.model import ModelBenchConfig, run_model_bench
 
     parser = argparse.ArgumentParser(prog="lightlong", description=__doc__)
@@ -53,6 +113,9 @@ def build_parser() -> argparse.ArgumentParser:
     model = bench.add_parser("model", help="the whole model, lightlong vs transformers")
     add_config_args(model, ModelBenchConfig)
     model.set_defaults(func=_run_config(ModelBenchConfig, run_model_bench))
+    generate = bench.add_parser("generate", help="decode, prefill, cache at 1K ... 1M context")
+    add_config_args(generate, GenerateBenchConfig)
+    generate.set_defaults(func=_run_config(GenerateBenchConfig, run_generate_bench))
 
     info = commands.add_parser("info", help="architecture, parameter counts, memory plan")
     info.add_argument("model", help="preset name or checkpoint directory")
@@ -63,6 +126,40 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight and KV dtype",
     )  # fmt: skip
     info.set_defaults(func=_info)
+
+    tokenizer = commands.add_parser("tokenizer", help="tokenizers").add_subparsers(
+        dest="tokenizer", required=True
+    )
+    train = tokenizer.add_parser("train", help="train a byte-level BPE on text files, offline")
+    train.add_argument("files", nargs="+", help="UTF-8 text files")
+    train.add_argument("--vocab-size", type=int, required=True, help="ids, special included")
+    train.add_argument("--out", required=True, help="directory for tokenizer.json")
+    train.add_argument(
+        "--min-frequency", type=int, default=2, help="least count of a pair to merge"
+    )
+    train.set_defaults(func=_tokenizer_train)
+
+    gen = commands.add_parser("generate", help="stream a continuation of a prompt")
+    gen.add_argument("--model", required=True, help="checkpoint directory or preset name")
+    source = gen.add_mutually_exclusive_group(required=True)
+    source.add_argument("--prompt", help="prompt text")
+    source.add_argument("--prompt-file", help="UTF-8 file holding the prompt")
+    gen.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the "
+                     "model directory's, else bytes)")  # fmt: skip
+    gen.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
+    gen.add_argument("--temperature", type=float, default=0.0, help="0 is greedy")
+    gen.add_argument("--top-k", type=int, default=0, help="0 keeps all tokens")
+    gen.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1 keeps all")
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="1 is off")
+    gen.add_argument("--seed", type=int, help="sampling seed (and a preset's weights)")
+    gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
+    gen.add_argument("--stop-token-id", type=int, action="append", default=[],
+                     help="stop token id (repeatable)")  # fmt: skip
+    gen.add_argument("--ignore-eos", action="store_true", help="go on past end-of-text")
+    gen.add_argument("--prefill-chunk", type=int, default=4096, help="tokens per prefill pass")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    gen.add_argument("--device", default="cpu", help="torch device")
+    gen.set_defaults(func=_generate)
     return parser
 
 

@@ -54,14 +54,14 @@ class ModelBenchConfig:
             raise ValueError(f"fwdbwd_max_len must be >= 0, got {self.fwdbwd_max_len}")
 
 
-def _comparable(preset: str) -> HybridConfig:
+def comparable_config(preset: str) -> HybridConfig:
     """The preset with full-head RoPE: `transformers`' MiniMax rotates every dim of a head
     (it ignores partial_rotary_factor), so partial RoPE would make the two models differ."""
     config = HybridConfig.from_preset(preset)
     return dataclasses.replace(config, rotary_dim=config.head_dim)
 
 
-def _save(config: HybridConfig, path: Path) -> Path:
+def save_random_checkpoint(config: HybridConfig, path: Path) -> Path:
     torch.manual_seed(0)
     HybridLM(config).save_pretrained(path, config_format="transformers")
     return path
@@ -93,8 +93,10 @@ def run_model_bench(cfg: ModelBenchConfig) -> dict:
         except ImportError as e:
             raise ValueError("transformers is not installed: pip install 'lightlong[hf]'") from e
     with tempfile.TemporaryDirectory() as tmp:
-        hybrid = _save(_comparable(cfg.preset), Path(tmp) / "hybrid")
-        linear = _save(_comparable(f"{cfg.preset}-linear"), Path(tmp) / "linear")
+        hybrid = save_random_checkpoint(comparable_config(cfg.preset), Path(tmp) / "hybrid")
+        linear = save_random_checkpoint(
+            comparable_config(f"{cfg.preset}-linear"), Path(tmp) / "linear"
+        )
         err = None
         if use_hf:
             err = check_against_transformers(hybrid)
@@ -116,7 +118,7 @@ def run_model_bench(cfg: ModelBenchConfig) -> dict:
                 modes = [
                     m
                     for m, pts in done.items()
-                    if _predict(pts, T) <= cfg.limit_s
+                    if predict_seconds(pts, T) <= cfg.limit_s
                     and (m == "prefill" or cfg.fwdbwd_max_len >= T)
                 ]
                 if not modes:
@@ -137,7 +139,7 @@ def run_model_bench(cfg: ModelBenchConfig) -> dict:
     return report
 
 
-def _predict(points: list[tuple[int, float]], T: int) -> float:
+def predict_seconds(points: list[tuple[int, float]], T: int) -> float:
     """Time at T extrapolated from the last two (T, s) points (power law, exponent >= 1)."""
     if not points:
         return 0.0

@@ -180,7 +180,126 @@ def measure_model(spec: dict) -> dict:
     return result
 
 
-_KINDS = {"attention": measure_attention, "model": measure_model}
+def _timed(fn: Callable[[], object], device: str) -> tuple[float, object]:
+    sync(device)
+    t0 = time.perf_counter()
+    out = fn()
+    sync(device)
+    return time.perf_counter() - t0, out
+
+
+def measure_generate(spec: dict) -> dict:
+    """Inference at one context length: prefill, then greedy decode; or, by spec["mode"]:
+
+    - "context": a `context`-token prompt, then `new_tokens` decoded (batch 1): prefill_s,
+      decode_tok_s, peak_bytes (prefill + decode), cache_bytes.
+    - "batched": decode tok/s of `batch` prompts of `context` tokens, and of one.
+    - "continuation": a `context`-token prefix is cached, then `suffix` more tokens arrive:
+      continued_s (prefill of the suffix from the cache) and fresh_s (the suffix alone,
+      from nothing).
+
+    spec: impl ("lightlong" | "transformers"), checkpoint, mode, context, new_tokens,
+    batch, suffix, prefill_chunk, device, dtype.
+    """
+    impl, device, mode, L = spec["impl"], spec["device"], spec["mode"], spec["context"]
+    dtype = DTYPES[spec["dtype"]]
+    gen = torch.Generator().manual_seed(0)
+    if impl == "lightlong":
+        from lightlong.infer import Engine, SamplingParams
+        from lightlong.model import HybridLM
+
+        model = HybridLM.from_pretrained(spec["checkpoint"], dtype=dtype, device=device)
+        vocab = model.config.vocab_size
+    elif impl == "transformers":
+        from transformers import MiniMaxForCausalLM
+
+        model = MiniMaxForCausalLM.from_pretrained(spec["checkpoint"], dtype=dtype).to(device)
+        model.eval()
+        vocab = model.config.vocab_size
+    else:
+        raise ValueError(f"impl must be 'lightlong' or 'transformers', got {impl!r}")
+
+    def prompt(n: int) -> list[int]:
+        return torch.randint(0, vocab, (n,), generator=gen).tolist()
+
+    def hf_decode(ids: list[list[int]], new: int) -> tuple[float, float]:
+        """transformers: prefill seconds, then greedy decode tok/s with its cache."""
+        x = torch.tensor(ids, device=device)
+        with torch.no_grad():
+            t_pre, out = _timed(
+                lambda: model(input_ids=x, use_cache=True, logits_to_keep=1), device
+            )
+            cache, nxt = out.past_key_values, out.logits[:, -1].argmax(-1, keepdim=True)
+            sync(device)
+            t0 = time.perf_counter()
+            for _ in range(new - 1):
+                out = model(input_ids=nxt, past_key_values=cache, use_cache=True)
+                nxt = out.logits[:, -1].argmax(-1, keepdim=True)
+            sync(device)
+        return t_pre, len(ids) * (new - 1) / (time.perf_counter() - t0)
+
+    def ours(chunk: int = spec["prefill_chunk"], prefix_bytes: int = 0) -> Engine:
+        return Engine(model, prefill_chunk=chunk, prefix_cache_bytes=prefix_bytes)
+
+    greedy = SamplingParams(max_new_tokens=spec["new_tokens"]) if impl == "lightlong" else None
+    if impl == "lightlong":  # warm-up: threads, allocator, first-call paths
+        ours().generate(prompt(300), SamplingParams(max_new_tokens=4))
+    else:
+        hf_decode([prompt(300)], 4)
+    result: dict = {}
+    if mode == "context":
+        ids = prompt(L)
+        keep_freed_memory(False)
+        release_freed_memory()
+        baseline = _reset_peak(device)
+        if impl == "lightlong":
+            engine = ours()
+            engine.generate(ids, greedy)
+            st = engine.stats
+            result.update(prefill_s=st.prefill_seconds, decode_tok_s=st.decode_tok_s,
+                          cache_bytes=st.cache_bytes)  # fmt: skip
+        else:
+            result["prefill_s"], result["decode_tok_s"] = hf_decode([ids], spec["new_tokens"])
+        result["peak_bytes"] = _peak_since(device, baseline)
+    elif mode == "batched":
+        for B in (1, spec["batch"]):
+            prompts = [prompt(L) for _ in range(B)]
+            if impl == "lightlong":
+                engine = ours()
+                engine.generate(prompts, greedy)
+                result[f"decode_tok_s_b{B}"] = engine.stats.decode_tok_s
+            else:
+                result[f"decode_tok_s_b{B}"] = hf_decode(prompts, spec["new_tokens"])[1]
+    elif mode == "continuation":
+        prefix, suffix = prompt(L), prompt(spec["suffix"])
+        if impl == "lightlong":
+            engine = ours(prefix_bytes=8 << 30)
+            one = SamplingParams(max_new_tokens=1)
+            engine.generate([*prefix, suffix[0]], one)  # caches the prefix
+            engine.generate([*prefix, *suffix], one)
+            if engine.stats.reused_tokens != L:
+                raise RuntimeError(f"prefix not reused: {engine.stats}")
+            result["continued_s"] = engine.stats.prefill_seconds
+            fresh = ours()
+            fresh.generate(suffix, one)
+            result["fresh_s"] = fresh.stats.prefill_seconds
+        else:
+            with torch.no_grad():
+                x = torch.tensor([prefix], device=device)
+                cache = model(input_ids=x, use_cache=True, logits_to_keep=1).past_key_values
+                y = torch.tensor([suffix], device=device)
+                result["continued_s"] = _timed(
+                    lambda: model(input_ids=y, past_key_values=cache, logits_to_keep=1), device
+                )[0]
+                result["fresh_s"] = _timed(
+                    lambda: model(input_ids=y, use_cache=True, logits_to_keep=1), device
+                )[0]
+    else:
+        raise ValueError(f"mode must be context, batched or continuation, got {mode!r}")
+    return result
+
+
+_KINDS = {"attention": measure_attention, "model": measure_model, "generate": measure_generate}
 
 if __name__ == "__main__":
     spec = json.loads(sys.argv[1])

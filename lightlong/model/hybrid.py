@@ -13,7 +13,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightlong.model.config import HybridConfig
-from lightlong.nn import DecoderLayer, Expert, RMSNorm, SequenceInfo
+from lightlong.nn import DecoderLayer, Expert, LayerCache, RMSNorm, SequenceInfo
 from lightlong.ops.attention import positions_in_sequence, rotary_cos_sin
 from lightlong.ops.varlen import check_cu_seqlens
 
@@ -78,6 +78,7 @@ class HybridLM(nn.Module):
         cu_seqlens: Tensor | None = None,
         labels: Tensor | None = None,
         logits_to_keep: int | Tensor | None = None,
+        cache: LayerCache | None = None,
     ) -> LMOutput:
         """Runs the model.
 
@@ -87,7 +88,10 @@ class HybridLM(nn.Module):
                 attention, no lightning state and no loss crosses a document boundary, and
                 positions restart at each document.
             labels: int64 [B, T], aligned with input_ids (shifted inside); -100 is ignored.
-            logits_to_keep: None (all positions), k (the last k) or int64 indices [T'].
+            logits_to_keep: None (all positions), k (the last k; 0 for none) or int64
+                indices [T'].
+            cache: a `lightlong.infer.HybridCache`: input_ids continue each row from the
+                cache, which is updated (lightning states in place, KV appended).
 
         Returns:
             LMOutput with logits [B, T', V] and, given labels, the losses.
@@ -98,9 +102,10 @@ class HybridLM(nn.Module):
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be int64, got {input_ids.dtype}")
         B, T = input_ids.shape
-        if c.max_position_embeddings < T:
+        seen = 0 if cache is None else int(cache.seen.max())
+        if c.max_position_embeddings < seen + T:
             raise ValueError(
-                f"input_ids has T={T} tokens, over max_position_embeddings="
+                f"input_ids has T={T} tokens after {seen} cached, over max_position_embeddings="
                 f"{c.max_position_embeddings}"
             )
         if T and (int(input_ids.min()) < 0 or int(input_ids.max()) >= c.vocab_size):
@@ -109,17 +114,28 @@ class HybridLM(nn.Module):
             check_cu_seqlens(cu_seqlens, B, T)
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}")
+        if cache is not None and (cu_seqlens is not None or cache.batch_size != B):
+            raise ValueError(
+                f"with a cache, input_ids must be [B={cache.batch_size}, T] without cu_seqlens"
+            )
 
         x = self.model.embed_tokens(input_ids)
-        positions = positions_in_sequence(T, cu_seqlens, x.device)
+        if cache is None:
+            positions = positions_in_sequence(T, cu_seqlens, x.device)
+        else:
+            positions = torch.arange(cache.length, cache.length + T, device=x.device)
+            if cache.pad is not None:  # [B, T]: each row counts from its first token
+                positions = (positions[None, :] - cache.pad[:, None]).clamp(min=0)
         seq = SequenceInfo(
-            cu_seqlens, rotary_cos_sin(positions, c.rotary_dim, c.rope_theta, x.dtype)
+            cu_seqlens, rotary_cos_sin(positions, c.rotary_dim, c.rope_theta, x.dtype), cache
         )
         aux = x.new_zeros((), dtype=torch.float32)
         for layer in self.model.layers:
             x, layer_aux = layer(x, seq)
             aux = aux + layer_aux
         aux = aux / c.num_layers
+        if cache is not None:
+            cache.advance(T)
         h = self.model.norm(x)
 
         out = LMOutput(logits=self.lm_head(_keep(h, logits_to_keep)), aux_loss=aux)
@@ -175,12 +191,12 @@ def _keep(h: Tensor, logits_to_keep: int | Tensor | None) -> Tensor:
     if logits_to_keep is None:
         return h
     if isinstance(logits_to_keep, int) and not isinstance(logits_to_keep, bool):
-        if not 0 < logits_to_keep <= h.shape[1]:
-            raise ValueError(f"logits_to_keep must be in [1, T={h.shape[1]}], got {logits_to_keep}")
-        return h[:, -logits_to_keep:]
+        if not 0 <= logits_to_keep <= h.shape[1]:
+            raise ValueError(f"logits_to_keep must be in [0, T={h.shape[1]}], got {logits_to_keep}")
+        return h[:, h.shape[1] - logits_to_keep :]
     if isinstance(logits_to_keep, Tensor) and logits_to_keep.dim() == 1:
         return h.index_select(1, logits_to_keep.to(h.device))
-    raise ValueError("logits_to_keep must be None, a positive int or a 1-D index tensor")
+    raise ValueError("logits_to_keep must be None, an int >= 0 or a 1-D index tensor")
 
 
 def _next_token_loss(logits: Tensor, labels: Tensor, cu_seqlens: Tensor | None) -> Tensor:

@@ -23,6 +23,22 @@ def resolve_config(name_or_dir: str) -> HybridConfig:
     )
 
 
+def load_model(
+    name_or_dir: str,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> HybridLM:
+    """A checkpoint directory's model, or a preset with seeded random weights (for trying
+    things out and benchmarking; it generates noise)."""
+    if Path(name_or_dir).is_dir():
+        return HybridLM.from_pretrained(name_or_dir, dtype=dtype, device=device)
+    config = resolve_config(name_or_dir)
+    torch.manual_seed(seed)
+    return HybridLM(config).to(device=device, dtype=dtype)
+
+
 def memory_plan(config: HybridConfig, context: int, batch: int, dtype: torch.dtype) -> dict:
     """Bytes for weights, lightning states (fp32, constant in context) and softmax KV.
 

@@ -1,6 +1,6 @@
 """nn.Modules built on `lightlong.ops`."""
 
-from .attention import LightningAttention, SequenceInfo, SoftmaxAttention
+from .attention import LayerCache, LightningAttention, SequenceInfo, SoftmaxAttention
 from .layer import DecoderLayer
 from .moe import Expert, MoE
 from .norm import RMSNorm
@@ -8,6 +8,7 @@ from .norm import RMSNorm
 __all__ = [
     "DecoderLayer",
     "Expert",
+    "LayerCache",
     "LightningAttention",
     "MoE",
     "RMSNorm",

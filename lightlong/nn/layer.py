@@ -21,7 +21,7 @@ def make_mixer(config: HybridConfig, layer_idx: int) -> nn.Module:
         return LightningAttention(
             c.hidden_size, c.num_heads, c.head_dim, layer_idx, c.num_layers, c.block_size
         )
-    return SoftmaxAttention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim)
+    return SoftmaxAttention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, layer_idx)
 
 
 class DecoderLayer(nn.Module):

@@ -6,6 +6,7 @@ from .lightning import (
     lightning_attn,
     lightning_attn_naive,
     lightning_attn_recurrent,
+    lightning_attn_step,
 )
 
 __all__ = [
@@ -14,4 +15,5 @@ __all__ = [
     "lightning_attn",
     "lightning_attn_naive",
     "lightning_attn_recurrent",
+    "lightning_attn_step",
 ]

@@ -25,7 +25,8 @@ def positions_in_sequence(T: int, cu_seqlens: Tensor | None, device: torch.devic
 def rotary_cos_sin(
     positions: Tensor, rotary_dim: int, theta: float, dtype: torch.dtype
 ) -> tuple[Tensor, Tensor]:
-    """cos, sin [T, R] for RoPE on the first R dims (GPT-NeoX halves layout).
+    """cos, sin [..., T, R] for RoPE on the first R dims (GPT-NeoX halves layout), for
+    positions [..., T] ([T] shared by the batch, or [B, T] per sequence).
 
     Angles are computed in fp32 (fp64 for fp64 models), then cast to dtype.
     """
@@ -33,20 +34,21 @@ def rotary_cos_sin(
     inv_freq = theta ** -(
         torch.arange(0, rotary_dim, 2, device=positions.device, dtype=wide) / rotary_dim
     )
-    angles_TR2 = positions.to(wide)[:, None] * inv_freq[None, :]
+    angles_TR2 = positions.to(wide)[..., None] * inv_freq
     angles_TR = torch.cat([angles_TR2, angles_TR2], dim=-1)
     return angles_TR.cos().to(dtype), angles_TR.sin().to(dtype)
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotates the first R dims of x [B, T, H, D] (R = cos.shape[-1]); the rest pass through."""
+    """Rotates the first R dims of x [B, T, H, D] by cos, sin [T, R] or [B, T, R]
+    (R = cos.shape[-1]); the rest pass through."""
     R = cos.shape[-1]
     if R == 0:
         return x
     rot, rest = x[..., :R], x[..., R:]
     x1, x2 = rot.chunk(2, dim=-1)
-    cos_1T1R, sin_1T1R = cos[None, :, None, :], sin[None, :, None, :]
-    rotated = rot * cos_1T1R + torch.cat([-x2, x1], dim=-1) * sin_1T1R
+    cos_BT1R, sin_BT1R = cos.unsqueeze(-2), sin.unsqueeze(-2)
+    rotated = rot * cos_BT1R + torch.cat([-x2, x1], dim=-1) * sin_BT1R
     return torch.cat([rotated, rest], dim=-1)
 
 
@@ -72,4 +74,46 @@ def causal_attention(
         )
         for a, b in itertools.pairwise(cu_seqlens.tolist())
     ]
+    return torch.cat(outs, dim=2).transpose(1, 2)
+
+
+# Most bytes of boolean mask one SDPA call of `cached_attention` may build.
+_MASK_BYTES = 32 * 2**20
+
+
+def cached_attention(
+    q: Tensor, k_cache: Tensor, v_cache: Tensor, *, start: int, pad: Tensor | None = None
+) -> Tensor:
+    """Causal softmax attention (GQA, scale 1/√D) of new queries over a KV cache.
+
+    q [B, T, H, D] are the tokens at cache slots start … start + T − 1; k_cache/v_cache
+    [B, G, L, D] hold slots 0 … L − 1 (L >= start + T, the new tokens included). Row b's
+    first pad[b] slots are left padding: no query attends to them (a query that is itself a
+    pad attends only to itself, so nothing is NaN). Returns [B, T, H, D].
+    """
+    B, T = q.shape[:2]
+    L = k_cache.shape[2]
+    q_BHTD = q.transpose(1, 2)
+    if pad is None and T == 1:  # decoding without padding: every cached slot is visible
+        out = F.scaled_dot_product_attention(q_BHTD, k_cache, v_cache, enable_gqa=True)
+        return out.transpose(1, 2)
+    slot_L = torch.arange(L, device=q.device)
+    step = max(1, _MASK_BYTES // (B * L))
+    outs = []
+    for a in range(0, T, step):
+        query_t = torch.arange(start + a, start + min(a + step, T), device=q.device)
+        visible_tL = slot_L[None, :] <= query_t[:, None]
+        if pad is None:
+            mask = visible_tL
+        else:
+            after_pad_BL = slot_L[None, :] >= pad.to(q.device)[:, None]
+            mask = (visible_tL[None] & after_pad_BL[:, None]) | (
+                slot_L[None, :] == query_t[:, None]
+            )
+            mask = mask[:, None]  # [B, 1, t, L]
+        outs.append(
+            F.scaled_dot_product_attention(
+                q_BHTD[:, :, a : a + step], k_cache, v_cache, attn_mask=mask, enable_gqa=True
+            )
+        )
     return torch.cat(outs, dim=2).transpose(1, 2)

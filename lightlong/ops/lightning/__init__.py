@@ -7,7 +7,7 @@
 from .api import lightning_attn
 from .decay import alibi_slopes, decay_rates
 from .naive import lightning_attn_naive
-from .recurrent import lightning_attn_recurrent
+from .recurrent import lightning_attn_recurrent, lightning_attn_step
 
 __all__ = [
     "alibi_slopes",
@@ -15,4 +15,5 @@ __all__ = [
     "lightning_attn",
     "lightning_attn_naive",
     "lightning_attn_recurrent",
+    "lightning_attn_step",
 ]

@@ -76,3 +76,38 @@ def lightning_attn_recurrent(
             finals.append(s_n)
         o, final = torch.cat(outs, dim=1), torch.cat(finals)
     return o, (final if output_final_state else None)
+
+
+@torch.no_grad()
+def lightning_attn_step(
+    q: Tensor, k: Tensor, v: Tensor, decay: Tensor, state: Tensor, *, scale: float | None = None
+) -> Tensor:
+    """One decode step for B sequences, updating `state` in place: O(1) in the context length.
+
+    Args:
+        q, k: [B, 1, H, K]; v: [B, 1, H, V]; decay: [H] rates s_h >= 0.
+        state: [B, H, K, V] float32 (float64 for float64 inputs), overwritten with S_t.
+        scale: None means K**-0.5.
+
+    Returns:
+        o [B, 1, H, V] in q's dtype. Not differentiable (inference only).
+    """
+    args = check_inputs(q, k, v, decay, scale, state, None)
+    B, T, H, K = q.shape
+    V = v.shape[-1]
+    if T != 1:
+        raise ValueError(f"q must hold one token per sequence [B, 1, H, K], got T={T}")
+    if state.dtype != args.state_dtype:
+        raise ValueError(
+            f"state must be {args.state_dtype} for {q.dtype} inputs, got {state.dtype}"
+        )
+    if not state.is_contiguous():
+        raise ValueError("state must be contiguous: it is updated in place")
+    dt = state.dtype
+    S_XKV = state.view(B * H, K, V)  # X = B·H
+    lam_m1_X11 = torch.expm1(-decay.to(dt)).repeat(B)[:, None, None]
+    # S ← S + expm1(−s)·S + kᵀv: the exact-rate form of `_recur`.
+    S_XKV.addcmul_(S_XKV, lam_m1_X11)
+    S_XKV.baddbmm_(k.reshape(B * H, K, 1).to(dt), v.reshape(B * H, 1, V).to(dt))
+    o_X1V = torch.bmm(q.reshape(B * H, 1, K).to(dt), S_XKV) * args.scale
+    return o_X1V.view(B, 1, H, V).to(q.dtype)
