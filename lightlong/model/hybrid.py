@@ -27,11 +27,11 @@ class LMOutput:
     logits: Tensor
     """[B, T', V] for the positions asked for (all, the last k, or given indices)."""
     loss: Tensor | None = None
-    """lm_loss + router_aux_loss_coef · aux_loss, when labels are given."""
+    """lm_loss + router_aux_loss_coef · aux_loss (lm_loss with a cache), given labels."""
     lm_loss: Tensor | None = None
     """Mean next-token cross-entropy over labels != -100 (fp32)."""
     aux_loss: Tensor | None = None
-    """MoE load-balancing loss averaged over layers (fp32)."""
+    """MoE load-balancing loss averaged over layers (fp32); None with a cache."""
 
 
 class HybridBackbone(nn.Module):
@@ -129,12 +129,14 @@ class HybridLM(nn.Module):
         seq = SequenceInfo(
             cu_seqlens, rotary_cos_sin(positions, c.rotary_dim, c.rope_theta, x.dtype), cache
         )
-        aux = x.new_zeros((), dtype=torch.float32)
+        aux = None if cache is not None else x.new_zeros((), dtype=torch.float32)
         for layer in self.model.layers:
             x, layer_aux = layer(x, seq)
-            aux = aux + layer_aux
-        aux = aux / c.num_layers
-        if cache is not None:
+            if aux is not None:
+                aux = aux + layer_aux
+        if aux is not None:
+            aux = aux / c.num_layers
+        else:
             cache.advance(T)
         h = self.model.norm(x)
 
@@ -142,7 +144,7 @@ class HybridLM(nn.Module):
         if labels is not None:
             logits = out.logits if logits_to_keep is None else self.lm_head(h)
             out.lm_loss = _next_token_loss(logits, labels, cu_seqlens)
-            out.loss = out.lm_loss + c.router_aux_loss_coef * aux
+            out.loss = out.lm_loss if aux is None else out.lm_loss + c.router_aux_loss_coef * aux
         return out
 
     @classmethod

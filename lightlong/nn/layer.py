@@ -45,10 +45,10 @@ class DecoderLayer(nn.Module):
         self.attn_beta = c.linear_attn_beta if lightning else c.full_attn_beta
         self.mlp_alpha, self.mlp_beta = c.mlp_alpha, c.mlp_beta
 
-    def forward(self, x: Tensor, seq: SequenceInfo) -> tuple[Tensor, Tensor]:
-        """x [B, T, D] -> ([B, T, D], MoE aux loss)."""
+    def forward(self, x: Tensor, seq: SequenceInfo) -> tuple[Tensor, Tensor | None]:
+        """x [B, T, D] -> ([B, T, D], MoE aux loss; None when decoding with a cache)."""
         h = self.input_layernorm(x)
         x = (h if self.postnorm else x) * self.attn_alpha + self.self_attn(h, seq) * self.attn_beta
         h = self.post_attention_layernorm(x)
-        y, aux = self.block_sparse_moe(h)
+        y, aux = self.block_sparse_moe(h, with_aux=seq.cache is None)
         return (h if self.postnorm else x) * self.mlp_alpha + y * self.mlp_beta, aux

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightlong.ops.moe import grouped_experts, load_balancing_loss, route
+from lightlong.ops.moe import grouped_experts, load_balancing_loss, route, top_k_gates
 
 
 class Expert(nn.Module):
@@ -32,9 +32,16 @@ class MoE(nn.Module):
             Expert(hidden_size, intermediate_size) for _ in range(num_experts)
         )
 
-    def forward(self, x: Tensor) -> tuple[Tensor, Tensor]:
-        """x [B, T, D] -> ([B, T, D], aux loss scalar fp32)."""
+    def forward(self, x: Tensor, with_aux: bool = True) -> tuple[Tensor, Tensor | None]:
+        """x [B, T, D] -> ([B, T, D], aux loss scalar fp32, or None without `with_aux`)."""
         x_ND = x.reshape(-1, x.shape[-1])
+        if x_ND.shape[0] == 1 and not with_aux:  # one decoded token: call its k experts
+            weights, experts, _ = top_k_gates(self.gate(x_ND), self.top_k)
+            y_1D = sum(
+                w * self.experts[e](x_ND)
+                for w, e in zip(weights[0].to(x.dtype), experts[0].tolist(), strict=True)
+            )
+            return y_1D.view_as(x), None
         r = route(self.gate(x_ND), self.top_k)
         y_ND = grouped_experts(x_ND, r, lambda e, xe: self.experts[e](xe))
-        return y_ND.view_as(x), load_balancing_loss(r)
+        return y_ND.view_as(x), load_balancing_loss(r) if with_aux else None

@@ -22,15 +22,23 @@ class Routing:
     counts: list[int]  # [E] assignments per expert
 
 
+def top_k_gates(logits: Tensor, top_k: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Softmax over experts in (at least) fp32, then the top k renormalised to sum to 1.
+
+    logits [N, E] -> weights [N, k] fp32, experts [N, k] int64, probs [N, E].
+    """
+    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
+    top_w, top_e = torch.topk(probs, top_k, dim=-1)
+    return top_w / top_w.sum(dim=-1, keepdim=True), top_e, probs
+
+
 def route(logits: Tensor, top_k: int) -> Routing:
-    """Softmax over experts in (at least) fp32, top-k, weights renormalised to sum to 1.
+    """`top_k_gates`, with the assignments grouped by expert.
 
     logits [N, E]. Assignments are sorted by expert (a stable sort keeps token order), so each
     expert's tokens are one contiguous run: `counts[e]` assignments starting at sum(counts[:e]).
     """
-    probs = torch.softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), dim=-1)
-    top_w, top_e = torch.topk(probs, top_k, dim=-1)
-    weights = top_w / top_w.sum(dim=-1, keepdim=True)
+    weights, top_e, probs = top_k_gates(logits, top_k)
     order = torch.sort(top_e.reshape(-1), stable=True).indices
     counts = torch.bincount(top_e.reshape(-1), minlength=logits.shape[-1]).tolist()
     return Routing(weights, top_e, probs, order, counts)

@@ -104,10 +104,9 @@ def lightning_attn_step(
     if not state.is_contiguous():
         raise ValueError("state must be contiguous: it is updated in place")
     dt = state.dtype
-    S_XKV = state.view(B * H, K, V)  # X = B·H
-    lam_m1_X11 = torch.expm1(-decay.to(dt)).repeat(B)[:, None, None]
     # S ← S + expm1(−s)·S + kᵀv: the exact-rate form of `_recur`.
-    S_XKV.addcmul_(S_XKV, lam_m1_X11)
+    state.addcmul_(state, torch.expm1(-decay.to(dt))[:, None, None])
+    S_XKV = state.view(B * H, K, V)  # X = B·H
     S_XKV.baddbmm_(k.reshape(B * H, K, 1).to(dt), v.reshape(B * H, 1, V).to(dt))
     o_X1V = torch.bmm(q.reshape(B * H, 1, K).to(dt), S_XKV) * args.scale
     return o_X1V.view(B, 1, H, V).to(q.dtype)
