@@ -131,9 +131,9 @@ def run_generate_bench(cfg: GenerateBenchConfig) -> dict:
             if variant != f"{p}-softmax"
         }
         continuation = {
-            f"{impl}:{p}": point(impl, p, mode="continuation", context=cfg.prefix)
-            for impl in ("lightlong", "transformers")
-            if impl == "lightlong" or cfg.transformers
+            f"{impl}:{variant}": point(impl, variant, mode="continuation", context=cfg.prefix)
+            for impl, variant in series
+            if variant != f"{p}-softmax"
         }
     report = _summarise(cfg, contexts, context_rows, batched, continuation, err)
     print(format_table(report))

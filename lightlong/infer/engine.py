@@ -12,6 +12,7 @@ their KV cache. Finished rows leave the batch.
 from __future__ import annotations
 
 import numbers
+import secrets
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -223,7 +224,7 @@ class Engine:
             presence_BV = torch.zeros(len(batch), c.vocab_size, dtype=torch.bool, device=device)
             for b, p in enumerate(batch):
                 presence_BV[b, p] = True
-        seed = params.seed if params.seed is not None else int(torch.seed() % 2**63)
+        seed = params.seed if params.seed is not None else secrets.randbits(63)
         generators = [torch.Generator(device).manual_seed(seed) for _ in batch]
         rows = [_Row(b, self.tokenizer, params.stop) for b in range(len(batch))]
 
