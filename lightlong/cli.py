@@ -94,11 +94,24 @@ def _generate(args: argparse.Namespace) -> None:
     )
 
 
+def _train(args: argparse.Namespace) -> None:
+    from lightlong.train import TrainConfig, Trainer
+
+    cfg = TrainConfig.load(args.config, args.overrides)
+    if args.print_config:
+        print(json.dumps(dataclasses.asdict(cfg), indent=2))
+        return
+    final = Trainer(cfg).fit()
+    print(json.dumps(final))
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The full command tree."""
     from lightlong.bench.attention import AttentionBenchConfig, run_attention_bench
     from lightlong.bench.generate import GenerateBenchConfig, run_generate_bench
     from lightlong.bench.model import ModelBenchConfig, run_model_bench
+    from lightlong.bench.train import TrainBenchConfig, run_train_bench
+    from lightlong.train.demo import DemoConfig, run_demo
 
     parser = argparse.ArgumentParser(prog="lightlong", description=__doc__)
     commands = parser.add_subparsers(dest="command", required=True)
@@ -116,6 +129,22 @@ def build_parser() -> argparse.ArgumentParser:
     generate = bench.add_parser("generate", help="decode, prefill, cache at 1K ... 1M context")
     add_config_args(generate, GenerateBenchConfig)
     generate.set_defaults(func=_run_config(GenerateBenchConfig, run_generate_bench))
+    train_bench = bench.add_parser("train", help="training tok/s, T = 2K ... 64K")
+    add_config_args(train_bench, TrainBenchConfig)
+    train_bench.set_defaults(func=_run_config(TrainBenchConfig, run_train_bench))
+
+    train = commands.add_parser(
+        "train", help="train a model (torchrun --nproc-per-node N -m lightlong train ...)"
+    )
+    train.add_argument("--config", help="TOML, YAML or JSON file of TrainConfig keys")
+    train.add_argument("overrides", nargs="*", help="key=value (after the file)")
+    train.add_argument("--print-config", action="store_true", help="print the config and exit")
+    train.set_defaults(func=_train)
+    demo = commands.add_parser(
+        "demo", help="train tiny hybrid / linear / softmax on recall and compare (make run)"
+    )
+    add_config_args(demo, DemoConfig)
+    demo.set_defaults(func=_run_config(DemoConfig, run_demo))
 
     info = commands.add_parser("info", help="architecture, parameter counts, memory plan")
     info.add_argument("model", help="preset name or checkpoint directory")

@@ -593,6 +593,8 @@ def test_generate_rejects_bad_sampling_params(engine, field, value, match):
         engine.generate([1, 2, 3], params)
     with pytest.raises(ValueError, match=match):
         params.validate(512)
+    with pytest.raises(ValueError, match=match):  # at the call, before any token is asked for
+        engine.stream([1, 2, 3], params)
 
 
 def test_generate_rejects_more_tokens_than_max_position_embeddings():

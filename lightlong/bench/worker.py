@@ -301,7 +301,59 @@ def measure_generate(spec: dict) -> dict:
     return result
 
 
-_KINDS = {"attention": measure_attention, "model": measure_model, "generate": measure_generate}
+def measure_train(spec: dict) -> dict:
+    """One training step (forward, backward, AdamW) on `tokens` tokens as rows of T, with
+    activation checkpointing; the time of the second step (the first allocates the
+    optimizer state) and the peak memory of the two.
+
+    spec: impl ("lightlong" | "transformers"), checkpoint, T, tokens, device, dtype.
+    """
+    impl, T, device = spec["impl"], spec["T"], spec["device"]
+    rows = spec["tokens"] // T
+    gen = torch.Generator().manual_seed(0)
+    keep_freed_memory(True)
+    if impl == "lightlong":
+        from lightlong.model import HybridLM
+
+        model = HybridLM.from_pretrained(spec["checkpoint"], dtype=torch.float32, device=device)
+        model.gradient_checkpointing = True
+        ids = torch.randint(0, model.config.vocab_size, (1, rows * T), generator=gen)
+        cu = torch.arange(0, rows * T + 1, T, dtype=torch.int64)
+
+        def loss():
+            return model(ids.to(device), cu_seqlens=cu.to(device), labels=ids.to(device)).loss
+    elif impl == "transformers":
+        from transformers import MiniMaxForCausalLM
+
+        model = MiniMaxForCausalLM.from_pretrained(spec["checkpoint"], dtype=torch.float32)
+        model = model.to(device)
+        model.gradient_checkpointing_enable()
+        ids = torch.randint(0, model.config.vocab_size, (rows, T), generator=gen).to(device)
+
+        def loss():
+            return model(input_ids=ids, labels=ids, use_cache=False).loss
+    else:
+        raise ValueError(f"impl must be 'lightlong' or 'transformers', got {impl!r}")
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-4)
+
+    def step():
+        opt.zero_grad(set_to_none=True)
+        loss().backward()
+        opt.step()
+
+    baseline = _reset_peak(device)
+    step()
+    seconds, _ = _timed(step, device)
+    return {"step_s": seconds, "peak_bytes": _peak_since(device, baseline)}
+
+
+_KINDS = {
+    "attention": measure_attention,
+    "model": measure_model,
+    "generate": measure_generate,
+    "train": measure_train,
+}
 
 if __name__ == "__main__":
     spec = json.loads(sys.argv[1])

@@ -169,7 +169,7 @@ class Engine:
         """Generates for one prompt or a batch; returns one `Generation` per prompt."""
         batch = self._as_batch(prompts)
         results = [Generation(prompt_tokens=len(p)) for p in batch]
-        for ev in self._run(batch, params or SamplingParams(), progress):
+        for ev in self.stream(batch, params, progress=progress):
             r = results[ev.row]
             r.token_ids.append(ev.token_id)
             r.text += ev.text
@@ -183,16 +183,14 @@ class Engine:
         *,
         progress: Callable[[int], None] | None = None,
     ) -> Iterator[StreamEvent]:
-        """Like `generate`, yielding each token as it is sampled (rows interleaved)."""
-        return self._run(self._as_batch(prompts), params or SamplingParams(), progress)
+        """Like `generate`, yielding each token as it is sampled (rows interleaved).
+        Arguments are checked here, before the first token is asked for."""
+        batch, params = self._as_batch(prompts), params or SamplingParams()
+        stop_ids = self._check_request(batch, params)
+        return self._run(batch, params, stop_ids, progress)
 
-    @torch.no_grad()
-    def _run(
-        self,
-        batch: list[list[int]],
-        params: SamplingParams,
-        progress: Callable[[int], None] | None,
-    ) -> Iterator[StreamEvent]:
+    def _check_request(self, batch: list[list[int]], params: SamplingParams) -> set[int]:
+        """Validates a request; returns the token ids that end a row."""
         c = self.model.config
         params.validate(c.vocab_size)
         longest = max(len(p) for p in batch)
@@ -207,7 +205,18 @@ class Engine:
         eos = None if self.tokenizer is None else self.tokenizer.eos_token_id
         if eos is not None and not params.ignore_eos:
             stop_ids.add(eos)
+        return stop_ids
 
+    @torch.no_grad()
+    def _run(
+        self,
+        batch: list[list[int]],
+        params: SamplingParams,
+        stop_ids: set[int],
+        progress: Callable[[int], None] | None,
+    ) -> Iterator[StreamEvent]:
+        c = self.model.config
+        longest = max(len(p) for p in batch)
         self.stats = GenerationStats()
         capacity = longest + params.max_new_tokens
         caches, logits = zip(

@@ -154,14 +154,27 @@ def save_pretrained(
     Everything goes to a temporary sibling directory first, which then replaces `path` by
     rename: a crash leaves either the previous checkpoint or the new one, never a mix.
     """
+    save_weights(model.config, model.state_dict(), path, max_shard_size=max_shard_size,
+                 config_format=config_format)  # fmt: skip
+
+
+def save_weights(
+    config: HybridConfig,
+    state_dict: dict[str, Tensor],
+    path: str | Path,
+    *,
+    max_shard_size: int | str = "5GB",
+    config_format: str = "minimax",
+) -> None:
+    """`save_pretrained` from a config and a state dict (e.g. gathered from shards)."""
     path = Path(path)
     limit = parse_size(max_shard_size)
     if config_format not in CONFIG_FORMATS:
         raise ValueError(f"config_format must be one of {CONFIG_FORMATS}, got {config_format!r}")
     state = {
         k: v.detach().contiguous().cpu()
-        for k, v in model.state_dict().items()
-        if not (model.config.tie_word_embeddings and k == "lm_head.weight")
+        for k, v in state_dict.items()
+        if not (config.tie_word_embeddings and k == "lm_head.weight")
     }
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
@@ -176,7 +189,7 @@ def save_pretrained(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        model.config.save_json(tmp / "config.json", format=config_format)
+        config.save_json(tmp / "config.json", format=config_format)
         if len(shards) == 1:
             save_file(shards[0], tmp / SINGLE_FILE, metadata={"format": "pt"})
         else:

@@ -11,6 +11,7 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
 from lightlong.model.config import HybridConfig
 from lightlong.nn import DecoderLayer, Expert, LayerCache, RMSNorm, SequenceInfo
@@ -54,6 +55,8 @@ class HybridLM(nn.Module):
         self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
         self.tie_weights()
         self.init_weights()
+        self.gradient_checkpointing = False
+        """Recompute each layer in the backward instead of keeping its activations."""
 
     def tie_weights(self) -> None:
         """Shares the embedding with the LM head when the config says so (again after
@@ -130,8 +133,12 @@ class HybridLM(nn.Module):
             cu_seqlens, rotary_cos_sin(positions, c.rotary_dim, c.rope_theta, x.dtype), cache
         )
         aux = None if cache is not None else x.new_zeros((), dtype=torch.float32)
+        recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
-            x, layer_aux = layer(x, seq)
+            if recompute:
+                x, layer_aux = checkpoint(layer, x, seq, use_reentrant=False)
+            else:
+                x, layer_aux = layer(x, seq)
             if aux is not None:
                 aux = aux + layer_aux
         if aux is not None:

@@ -39,6 +39,22 @@ def load_model(
     return HybridLM(config).to(device=device, dtype=dtype)
 
 
+def train_flops_per_token(config: HybridConfig, seq_len: int) -> float:
+    """Training FLOPs per token (forward + backward = 3 × forward), the usual estimate:
+    6 × the parameters a token uses (experts it is routed to, LM head; not the embedding
+    lookup) plus attention: a lightning layer's block-quadratic and state terms
+    (~4·H·d·(C + d) per token forward) and a softmax layer's causal scores and mixing
+    (2·H·d·T per token forward on average)."""
+    with torch.device("meta"):
+        counts = HybridLM(config).param_count()
+    c = config
+    dense = counts["active"] + c.vocab_size * c.hidden_size
+    lightning = 4 * c.num_heads * c.head_dim * (c.block_size + c.head_dim)
+    softmax = 2 * c.num_heads * c.head_dim * seq_len
+    per_layer = sum(lightning if t == "lightning" else softmax for t in c.layer_types)
+    return 6 * dense + 3 * per_layer
+
+
 def memory_plan(config: HybridConfig, context: int, batch: int, dtype: torch.dtype) -> dict:
     """Bytes for weights, lightning states (fp32, constant in context) and softmax KV.
 

@@ -1,0 +1,432 @@
+"""`Trainer`: the training loop — AdamW with warmup + cosine, clipping, accumulation, bf16
+autocast, activation checkpointing, non-finite step skipping, evaluation, metrics,
+checkpoints with exact resume, and DDP / FSDP2 across processes.
+
+Launch several processes with `torchrun --nproc-per-node N -m lightlong train ...`: each
+takes its share of every global batch; rank 0 logs and saves.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import shutil
+import signal
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+from lightlong.bench.machine import matmul_gflops
+from lightlong.model import HybridLM
+from lightlong.model.info import load_model, train_flops_per_token
+from lightlong.train.checkpoint import load_trainer_state, resolve_resume, save_checkpoint
+from lightlong.train.config import TrainConfig
+from lightlong.train.data import Batch, SyntheticData, SyntheticTask, TextData
+
+
+class NonFiniteLossError(RuntimeError):
+    """Raised after `max_nonfinite` non-finite steps in a row."""
+
+
+class Trainer:
+    """Builds the model, data and optimizer from a `TrainConfig`; `fit()` trains.
+
+    In a process group (torchrun), the model is wrapped in DDP or FSDP2 and every process
+    takes `batch_size / world_size` samples of each step.
+    """
+
+    def __init__(self, cfg: TrainConfig):
+        self.cfg = cfg.validate()
+        self.rank, self.world = _init_distributed(cfg.device)
+        self.device = _device(cfg.device)
+        self.main = self.rank == 0
+        self.out = Path(cfg.out_dir)
+        resume_from = resolve_resume(cfg.resume, self.out)
+
+        self.model: HybridLM = load_model(cfg.model, device=self.device, seed=cfg.seed)
+        self.model.train()
+        self.model.gradient_checkpointing = cfg.activation_checkpointing
+        self.wrapped: nn.Module = self._wrap(self.model)
+        self.optimizer = torch.optim.AdamW(
+            _param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+            betas=(cfg.beta1, cfg.beta2), fused=False,
+        )  # fmt: skip
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.data, self.eval_data = self._make_data()
+        self.step = 0
+        self.nonfinite_total = self.nonfinite_run = 0
+        if resume_from is not None:
+            self._load(resume_from)
+        self.resumed_from = resume_from
+        self._stop_signal: int | None = None
+
+    # -- setup -----------------------------------------------------------------------------
+
+    def _wrap(self, model: HybridLM) -> nn.Module:
+        if self.world == 1:
+            return model
+        if self.cfg.parallel == "fsdp":
+            from torch.distributed.fsdp import fully_shard
+
+            for layer in model.model.layers:
+                fully_shard(layer)
+            fully_shard(model)
+            return model
+        ids = [self.device.index] if self.device.type == "cuda" else None
+        # Experts that get no token in a step have no gradient: DDP must look for them.
+        return nn.parallel.DistributedDataParallel(
+            model, device_ids=ids, find_unused_parameters=True
+        )
+
+    def _make_data(self):
+        c, V = self.cfg, self.model.config.vocab_size
+        local = c.batch_size // c.grad_accum
+        if c.task == "text":
+            from lightlong.tokenizer import load_tokenizer
+
+            tok = load_tokenizer(c.tokenizer or None)
+            if tok.vocab_size > V:
+                raise ValueError(f"tokenizer has {tok.vocab_size} ids, the model {V}")
+            make = lambda files: TextData(  # noqa: E731
+                files, tok, c.seq_len, local, c.text_field, self.rank, self.world
+            )
+            # Held-out text: the last file when there are several, else the same data.
+            files = c.data_files
+            held = files[-1:] if len(files) > 1 else files
+            return make(files[:-1] if len(files) > 1 else files), make(held)
+        task = SyntheticTask(c.task, V, c.num_pairs, c.num_queries)
+        train = SyntheticData(task, c.seq_len, local, c.seed, self.rank, self.world)
+        held = SyntheticData(task, c.seq_len, local, c.seed + 1_000_003, self.rank, self.world)
+        return train, held
+
+    def _lr_factor(self, step: int) -> float:
+        c = self.cfg
+        if step < c.warmup_steps:
+            return (step + 1) / (c.warmup_steps + 1)
+        progress = min(1.0, (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps))
+        return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    # -- training --------------------------------------------------------------------------
+
+    def _autocast(self):
+        if self.cfg.dtype == "bfloat16":
+            return torch.autocast(self.device.type, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def _loss(self, batch: Batch):
+        ids, labels = batch.input_ids.to(self.device), batch.labels.to(self.device)
+        with self._autocast():
+            return self.wrapped(ids, cu_seqlens=batch.cu_seqlens.to(self.device), labels=labels)
+
+    def train_step(self) -> dict:
+        """One optimizer step over `grad_accum` micro-batches; a non-finite loss or gradient
+        skips the update (parameters unchanged) and is counted."""
+        c = self.cfg
+        self.optimizer.zero_grad(set_to_none=True)
+        totals = {"loss": 0.0, "lm_loss": 0.0, "aux_loss": 0.0}
+        tokens, finite = 0, True
+        for _ in range(c.grad_accum):
+            batch = next(self.data)
+            out = self._loss(batch)
+            loss = out.loss / c.grad_accum
+            finite &= bool(torch.isfinite(out.loss))
+            if finite:
+                loss.backward()
+            for k in totals:
+                totals[k] += float(getattr(out, k).detach()) / c.grad_accum
+            tokens += batch.num_tokens
+        grad_norm = self._clip() if finite else float("nan")
+        finite = _all_ranks(finite and math.isfinite(grad_norm), self.device)
+        if finite:
+            self.optimizer.step()
+            self.nonfinite_run = 0
+        else:
+            self.optimizer.zero_grad(set_to_none=True)
+            self.nonfinite_total += 1
+            self.nonfinite_run += 1
+            if self.nonfinite_run >= c.max_nonfinite:
+                raise NonFiniteLossError(
+                    f"{self.nonfinite_run} non-finite steps in a row (max_nonfinite="
+                    f"{c.max_nonfinite}) at step {self.step}: lower lr, or check the data"
+                )
+        self.scheduler.step()
+        self.step += 1
+        return {**totals, "grad_norm": grad_norm, "skipped": not finite,
+                "tokens": tokens * self.world}  # fmt: skip
+
+    def _clip(self) -> float:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
+
+    def fit(self) -> dict:
+        """Trains to `steps`, evaluating, logging and saving on the way; SIGINT/SIGTERM
+        save a checkpoint and return. Returns the last metrics."""
+        c = self.cfg
+        metrics_path = self.out / "metrics.jsonl"
+        if self.main:
+            self.out.mkdir(parents=True, exist_ok=True)
+            for partial in self.out.glob(".step-*"):
+                shutil.rmtree(partial, ignore_errors=True)
+            _truncate_metrics(metrics_path, self.step)
+        peak = matmul_gflops(1024, device=str(self.device)) * 1e9
+        flops_tok = train_flops_per_token(self.model.config, c.seq_len)
+        bar = None
+        if self.main and c.progress:
+            from tqdm import tqdm
+
+            bar = tqdm(total=c.steps, initial=self.step, desc="train", file=sys.stderr,
+                       dynamic_ncols=True)  # fmt: skip
+        last: dict = {}
+        window_tokens, window_t0 = 0, time.perf_counter()
+        with _signals(self):
+            while self.step < c.steps and self._stop_signal is None:
+                m = self.train_step()
+                window_tokens += m["tokens"]
+                if bar is not None:
+                    bar.update(1)
+                at_end = self.step == c.steps
+                eval_due = (c.eval_every and self.step % c.eval_every == 0) or at_end
+                if self.step % c.log_every == 0 or eval_due:
+                    dt = time.perf_counter() - window_t0
+                    tok_s = window_tokens / dt
+                    last = {"step": self.step, "loss": m["loss"], "lm_loss": m["lm_loss"],
+                            "aux_loss": m["aux_loss"], "grad_norm": m["grad_norm"],
+                            "lr": self.scheduler.get_last_lr()[0], "tok_s": tok_s,
+                            "flops_frac": tok_s * flops_tok / peak,
+                            "nonfinite": self.nonfinite_total}  # fmt: skip
+                    if eval_due:
+                        last.update(self.evaluate())
+                    self._log(metrics_path, last, bar)
+                    window_tokens, window_t0 = 0, time.perf_counter()
+                if c.save_every and self.step % c.save_every == 0 and not at_end:
+                    self.save()
+            self.save()
+        if bar is not None:
+            bar.close()
+        if self.main:
+            plot_metrics(metrics_path, self.out / "loss.png")
+        return last
+
+    # -- evaluation ------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def evaluate(self) -> dict:
+        """Held-out loss and answer accuracy at seq_len (and recall at eval_lengths)."""
+        self.model.eval()
+        out = self._eval_at(None)
+        if isinstance(self.eval_data, SyntheticData):
+            for T in self.cfg.eval_lengths:
+                out.update({f"{k}@{T}": v for k, v in self._eval_at(T).items()})
+        self.model.train()
+        return out
+
+    def _eval_at(self, length: int | None) -> dict:
+        data, c = self.eval_data, self.cfg
+        loss_sum = correct = count = 0.0
+        for b in range(c.eval_batches):
+            if isinstance(data, SyntheticData):
+                batch = synthetic_batch(data, b * data.batch_size, data.batch_size, length)
+            else:
+                data.position = b * data.batch_size * self.world
+                batch = next(data)
+            ids, labels = batch.input_ids.to(self.device), batch.labels.to(self.device)
+            with self._autocast():
+                logits = self.model(ids, cu_seqlens=batch.cu_seqlens.to(self.device)).logits
+            target = labels[:, 1:]
+            mask = target != -100
+            mask[:, (batch.cu_seqlens[1:-1] - 1).to(self.device)] = False
+            pred = logits[:, :-1].argmax(-1)
+            lp = torch.log_softmax(logits[:, :-1].float(), -1)
+            nll = -lp.gather(-1, target.clamp(min=0)[..., None])[..., 0]
+            loss_sum += float(nll[mask].sum())
+            correct += float((pred == target)[mask].sum())
+            count += float(mask.sum())
+        totals = torch.tensor([loss_sum, correct, count], dtype=torch.float64)
+        if self.world > 1:
+            totals = totals.to(self.device)
+            dist.all_reduce(totals)
+        loss_sum, correct, count = totals.tolist()
+        return {"eval_loss": loss_sum / max(count, 1), "eval_accuracy": correct / max(count, 1)}
+
+    # -- checkpoints -----------------------------------------------------------------------
+
+    def state_dict(self) -> dict:
+        """Everything but the weights that an exact resume needs."""
+        return {
+            "step": self.step,
+            "optimizer": _optimizer_state(self.model, self.optimizer, self.world, self.cfg),
+            "scheduler": self.scheduler.state_dict(),
+            "data": self.data.state_dict(),
+            "rng": {"torch": torch.get_rng_state()},
+            "nonfinite_total": self.nonfinite_total,
+            "nonfinite_run": self.nonfinite_run,
+            "config": vars(self.cfg).copy(),
+        }
+
+    def save(self) -> Path | None:
+        """Writes out_dir/step-N/ (rank 0 writes; every rank takes part in gathering)."""
+        weights = _full_model_state(self.model, self.world, self.cfg)
+        state = self.state_dict()
+        path = None
+        if self.main:
+            path = save_checkpoint(
+                self.out, self.step, self.model.config, weights, state, self.cfg.keep_last
+            )
+        if self.world > 1:
+            dist.barrier()
+        return path
+
+    def _load(self, path: Path) -> None:
+        weights = HybridLM.from_pretrained(path, dtype=torch.float32).state_dict()
+        state = load_trainer_state(path)
+        if self.world > 1 and self.cfg.parallel == "fsdp":
+            from torch.distributed.checkpoint.state_dict import (
+                StateDictOptions,
+                set_model_state_dict,
+                set_optimizer_state_dict,
+            )
+
+            opts = StateDictOptions(full_state_dict=True)
+            set_model_state_dict(self.model, weights, options=opts)
+            set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
+        else:
+            self.model.load_state_dict(weights)
+            self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.data.load_state_dict(state["data"])
+        torch.set_rng_state(state["rng"]["torch"])
+        self.step = state["step"]
+        self.nonfinite_total, self.nonfinite_run = state["nonfinite_total"], state["nonfinite_run"]
+
+    def _log(self, path: Path, metrics: dict, bar) -> None:
+        if not self.main:
+            return
+        with path.open("a") as f:
+            f.write(json.dumps(metrics) + "\n")
+        if bar is not None:
+            shown = {"loss": f"{metrics['loss']:.3f}", "tok/s": f"{metrics['tok_s']:,.0f}",
+                     "mfu": f"{metrics['flops_frac']:.1%}"}  # fmt: skip
+            if "eval_accuracy" in metrics:
+                shown["eval_acc"] = f"{metrics['eval_accuracy']:.2f}"
+            bar.set_postfix(shown)
+
+
+def synthetic_batch(data: SyntheticData, first: int, count: int, length: int | None) -> Batch:
+    """Samples first … first + count − 1 of `data` (at `length`), packed (this rank's share)."""
+    from lightlong.train.data import _pack
+
+    local = count // data.world_size
+    start = first + data.rank * local
+    samples = [data.sample(i, length) for i in range(start, start + local)]
+    return _pack([s[0] for s in samples], [s[1] for s in samples])
+
+
+def plot_metrics(metrics_path: Path, png: Path) -> None:
+    """Training and held-out loss vs step from metrics.jsonl."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
+    if not rows:
+        return
+    fig, ax = plt.subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+    ev = [r for r in rows if "eval_loss" in r]
+    if ev:
+        ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="held-out")
+    ax.set_xlabel("step")
+    ax.set_ylabel("loss")
+    ax.set_yscale("log")
+    ax.grid(True, alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    fig.savefig(png, dpi=110)
+    plt.close(fig)
+
+
+# -- helpers -------------------------------------------------------------------------------
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+    """Weight decay on matrices (projections, experts, embeddings); none on norms."""
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    rest = [p for p in model.parameters() if p.dim() < 2]
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+
+
+def _init_distributed(device: str) -> tuple[int, int]:
+    """(rank, world size); joins the process group when launched by torchrun."""
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world == 1:
+        return 0, 1
+    if not dist.is_initialized():
+        backend = "nccl" if device.startswith("cuda") else "gloo"
+        dist.init_process_group(backend)
+    return dist.get_rank(), dist.get_world_size()
+
+
+def _device(name: str) -> torch.device:
+    if name == "cuda":
+        return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
+    return torch.device(name)
+
+
+def _all_ranks(flag: bool, device: torch.device) -> bool:
+    """flag on every rank (a step is skipped everywhere if any rank saw a non-finite value)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return flag
+    t = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(t, op=dist.ReduceOp.MIN)
+    return bool(t.item())
+
+
+def _full_model_state(model: HybridLM, world: int, cfg: TrainConfig) -> dict:
+    """The full (unsharded) weights, gathered on CPU under FSDP."""
+    if world == 1 or cfg.parallel != "fsdp":
+        return model.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_model_state_dict(model, options=opts)
+
+
+def _optimizer_state(model: HybridLM, optimizer, world: int, cfg: TrainConfig) -> dict:
+    if world == 1 or cfg.parallel != "fsdp":
+        return optimizer.state_dict()
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
+
+    opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
+    return get_optimizer_state_dict(model, optimizer, options=opts)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """Drops metric lines past `step` (a resumed run writes them again)."""
+    if not path.is_file():
+        return
+    keep = [ln for ln in path.read_text().splitlines() if ln and json.loads(ln)["step"] <= step]
+    path.write_text("".join(ln + "\n" for ln in keep))
+
+
+@contextlib.contextmanager
+def _signals(trainer: Trainer):
+    """SIGINT/SIGTERM ask the loop to stop after the current step (it then saves)."""
+
+    def handler(signum, frame):
+        trainer._stop_signal = signum
+
+    old = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for s, h in old.items():
+            signal.signal(s, h)
