@@ -42,8 +42,9 @@ class GenerateBenchConfig:
     """Model preset; its `-linear` and `-softmax` variants are measured too."""
     contexts: list[int] = field(default_factory=list)
     """Prompt lengths before decoding; empty means 1K, 4K, 16K, 64K, 256K."""
-    long_prompt: int = 1 << 20
-    """Length of the long-prompt prefill (0 skips it)."""
+    long_prompt: int = 1_000_000
+    """Length of the long-prompt prefill (0 skips it); with new_tokens it must fit in the
+    preset's max_position_embeddings (2^20)."""
     new_tokens: int = 64
     """Tokens decoded per measurement."""
     batch: int = 32
@@ -184,11 +185,11 @@ def _summarise(cfg, contexts, context_rows, batched, continuation, err) -> dict:
         ),
         "long_prompt_memory_gb": target(
             (at(lin, cfg.long_prompt, "peak_bytes") or 0) / 2**30 or None, "<=", 8,
-            f"{p}-linear {cfg.long_prompt // 1024}K-token prompt peak GB",
+            f"{p}-linear {cfg.long_prompt:,}-token prompt peak GB",
         ),
         "long_prompt_flat": target(
             ratio(tok_s(lin, cfg.long_prompt), tok_s(lin, 4096)), ">=", 0.8,
-            f"{p}-linear prefill tok/s {cfg.long_prompt // 1024}K/4K",
+            f"{p}-linear prefill tok/s {cfg.long_prompt:,}/4K",
         ),
     }  # fmt: skip
     with torch.device("meta"):
