@@ -97,6 +97,8 @@ def cached_attention(
     if pad is None and T == 1:  # decoding without padding: every cached slot is visible
         out = F.scaled_dot_product_attention(q_BHTD, k_cache, v_cache, enable_gqa=True)
         return out.transpose(1, 2)
+    if pad is None and start + T == L and q.device.type == "cpu":
+        return _past_and_causal(q_BHTD, k_cache, v_cache, start).transpose(1, 2)
     slot_L = torch.arange(L, device=q.device)
     step = max(1, _MASK_BYTES // (B * L))
     outs = []
@@ -117,3 +119,28 @@ def cached_attention(
             )
         )
     return torch.cat(outs, dim=2).transpose(1, 2)
+
+
+def _past_and_causal(q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
+    """`cached_attention` without padding on the CPU, with no mask: the queries [B, H, T, D]
+    see every cached slot before `start` (one unmasked flash call, the query heads of each
+    KV head folded into its rows) and their own T slots causally (a second call); the two
+    are merged by their log-sum-exps. k, v [B, G, start + T, D]. Returns [B, H, T, D]."""
+    flash = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu
+    B, H, T, D = q.shape
+    G = k.shape[1]
+    group = H // G
+    k_new, v_new = k[:, :, start:], v[:, :, start:]
+    if group > 1:
+        k_new, v_new = k_new.repeat_interleave(group, 1), v_new.repeat_interleave(group, 1)
+    o_new, lse_new = flash(q, k_new, v_new, 0.0, True)
+    if start == 0:
+        return o_new
+    q_BGXD = q.reshape(B, G, group * T, D)  # X = group·T rows per KV head
+    o_past, lse_past = flash(q_BGXD, k[:, :, :start], v[:, :, :start], 0.0, False)
+    o_past, lse_past = o_past.reshape(B, H, T, D), lse_past.reshape(B, H, T)
+    lse = torch.logaddexp(lse_past, lse_new)
+    w_past = torch.exp(lse_past - lse)[..., None]
+    w_new = torch.exp(lse_new - lse)[..., None]
+    wide = torch.promote_types(q.dtype, torch.float32)
+    return (o_past.to(wide) * w_past + o_new.to(wide) * w_new).to(q.dtype)
