@@ -101,8 +101,10 @@ def _train(args: argparse.Namespace) -> None:
     if args.print_config:
         print(json.dumps(dataclasses.asdict(cfg), indent=2))
         return
-    final = Trainer(cfg).fit()
-    print(json.dumps(final))
+    trainer = Trainer(cfg)
+    final = trainer.fit()
+    if trainer.main:
+        print(json.dumps(final))
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -77,6 +77,10 @@ class Trainer:
             for layer in model.model.layers:
                 fully_shard(layer)
             fully_shard(model)
+            # An expert that gets no token on one rank has no gradient there, while another
+            # rank's has one: reduce-scatter zeros for it, or the ranks' collectives differ.
+            if hasattr(model, "set_reduce_scatter_unused_params"):  # not in older torch
+                model.set_reduce_scatter_unused_params(True)
             return model
         ids = [self.device.index] if self.device.type == "cuda" else None
         # Experts that get no token in a step have no gradient: DDP must look for them.
@@ -134,14 +138,19 @@ class Trainer:
         for _ in range(c.grad_accum):
             batch = next(self.data)
             out = self._loss(batch)
-            loss = out.loss / c.grad_accum
             finite &= bool(torch.isfinite(out.loss))
-            if finite:
-                loss.backward()
+            # Backward (and clipping) even when non-finite: under DDP / FSDP they run
+            # collectives that the other ranks wait for. A skipped step drops the gradients.
+            (out.loss / c.grad_accum).backward()
             for k in totals:
                 totals[k] += float(getattr(out, k).detach()) / c.grad_accum
             tokens += batch.num_tokens
-        grad_norm = self._clip() if finite else float("nan")
+        # Parameters without a gradient (experts no token chose) get zeros, as FSDP's
+        # reduce-scatter gives them: every mode then takes the same AdamW step.
+        for p in self.model.parameters():
+            if p.requires_grad and p.grad is None:
+                p.grad = torch.zeros_like(p)
+        grad_norm = self._clip()
         finite = _all_ranks(finite and math.isfinite(grad_norm), self.device)
         if finite:
             self.optimizer.step()
@@ -235,7 +244,7 @@ class Trainer:
             if isinstance(data, SyntheticData):
                 batch = synthetic_batch(data, b * data.batch_size, data.batch_size, length)
             else:
-                data.position = b * data.batch_size * self.world
+                data.position = b * data.batch_size  # batch_size: all ranks' windows
                 batch = next(data)
             ids, labels = batch.input_ids.to(self.device), batch.labels.to(self.device)
             with self._autocast():
