@@ -9,16 +9,18 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
 from lightlong.model.config import HybridConfig
 from lightlong.nn import DecoderLayer, Expert, LayerCache, RMSNorm, SequenceInfo
 from lightlong.ops.attention import positions_in_sequence, rotary_cos_sin
+from lightlong.ops.loss import (
+    IGNORE_INDEX,
+    linear_cross_entropy,
+    linear_cross_entropy_reference,
+)
 from lightlong.ops.varlen import check_cu_seqlens
-
-IGNORE_INDEX = -100
 
 
 @dataclass
@@ -92,7 +94,9 @@ class HybridLM(nn.Module):
                 positions restart at each document.
             labels: int64 [B, T], aligned with input_ids (shifted inside); -100 is ignored.
             logits_to_keep: None (all positions), k (the last k; 0 for none) or int64
-                indices [T'].
+                indices [T']. With labels and not None, the loss is computed chunk by chunk
+                (`lightlong.ops.linear_cross_entropy`) without building [T, V] logits:
+                training passes 0.
             cache: a `lightlong.infer.HybridCache`: input_ids continue each row from the
                 cache, which is updated (lightning states in place, KV appended).
 
@@ -149,8 +153,15 @@ class HybridLM(nn.Module):
 
         out = LMOutput(logits=self.lm_head(_keep(h, logits_to_keep)), aux_loss=aux)
         if labels is not None:
-            logits = out.logits if logits_to_keep is None else self.lm_head(h)
-            out.lm_loss = _next_token_loss(logits, labels, cu_seqlens)
+            targets = _next_token_targets(labels, cu_seqlens)
+            if logits_to_keep is None:  # the logits are built anyway: the plain loss
+                out.lm_loss = linear_cross_entropy_reference(
+                    h[:, :-1].flatten(0, 1), self.lm_head.weight, targets
+                )
+            else:  # no [T, V] logits: the head and the loss run chunk by chunk
+                out.lm_loss = linear_cross_entropy(
+                    h[:, :-1].flatten(0, 1), self.lm_head.weight, targets
+                )
             out.loss = out.lm_loss if aux is None else out.lm_loss + c.router_aux_loss_coef * aux
         return out
 
@@ -208,8 +219,8 @@ def _keep(h: Tensor, logits_to_keep: int | Tensor | None) -> Tensor:
     raise ValueError("logits_to_keep must be None, an int >= 0 or a 1-D index tensor")
 
 
-def _next_token_loss(logits: Tensor, labels: Tensor, cu_seqlens: Tensor | None) -> Tensor:
-    """Mean cross-entropy of logits[:, t] against labels[:, t + 1], in fp32.
+def _next_token_targets(labels: Tensor, cu_seqlens: Tensor | None) -> Tensor:
+    """int64 [B·(T − 1)]: the label each position t < T − 1 predicts (labels[:, t + 1]).
 
     With packed documents, the last token of a document does not predict the next one's first.
     """
@@ -217,6 +228,4 @@ def _next_token_loss(logits: Tensor, labels: Tensor, cu_seqlens: Tensor | None) 
     if cu_seqlens is not None:
         starts = cu_seqlens[1:-1]
         targets[:, (starts[starts > 0] - 1).clamp(max=targets.shape[1] - 1)] = IGNORE_INDEX
-    return F.cross_entropy(
-        logits[:, :-1].float().flatten(0, 1), targets.flatten(), ignore_index=IGNORE_INDEX
-    )
+    return targets.flatten()

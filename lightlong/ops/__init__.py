@@ -8,6 +8,7 @@ from .lightning import (
     lightning_attn_recurrent,
     lightning_attn_step,
 )
+from .loss import linear_cross_entropy, linear_cross_entropy_reference
 
 __all__ = [
     "alibi_slopes",
@@ -16,4 +17,6 @@ __all__ = [
     "lightning_attn_naive",
     "lightning_attn_recurrent",
     "lightning_attn_step",
+    "linear_cross_entropy",
+    "linear_cross_entropy_reference",
 ]

@@ -1,6 +1,7 @@
 """`Trainer`: the training loop — AdamW with warmup + cosine, clipping, accumulation, bf16
-autocast, activation checkpointing, non-finite step skipping, evaluation, metrics,
-checkpoints with exact resume, and DDP / FSDP2 across processes.
+autocast, activation checkpointing, non-finite step skipping, evaluation, metrics (JSONL,
+and TensorBoard when installed), checkpoints with exact resume, and DDP / FSDP2 across
+processes.
 
 Launch several processes with `torchrun --nproc-per-node N -m lightlong train ...`: each
 takes its share of every global batch; rank 0 logs and saves.
@@ -126,7 +127,9 @@ class Trainer:
     def _loss(self, batch: Batch):
         ids, labels = batch.input_ids.to(self.device), batch.labels.to(self.device)
         with self._autocast():
-            return self.wrapped(ids, cu_seqlens=batch.cu_seqlens.to(self.device), labels=labels)
+            return self.wrapped(
+                ids, cu_seqlens=batch.cu_seqlens.to(self.device), labels=labels, logits_to_keep=0
+            )
 
     def train_step(self) -> dict:
         """One optimizer step over `grad_accum` micro-batches; a non-finite loss or gradient
@@ -193,6 +196,7 @@ class Trainer:
 
             bar = tqdm(total=c.steps, initial=self.step, desc="train", file=sys.stderr,
                        dynamic_ncols=True)  # fmt: skip
+        board = _tensorboard(self.out / "tensorboard") if self.main else None
         last: dict = {}
         window_tokens, window_t0 = 0, time.perf_counter()
         with _signals(self):
@@ -213,13 +217,15 @@ class Trainer:
                             "nonfinite": self.nonfinite_total}  # fmt: skip
                     if eval_due:
                         last.update(self.evaluate())
-                    self._log(metrics_path, last, bar)
+                    self._log(metrics_path, last, bar, board)
                     window_tokens, window_t0 = 0, time.perf_counter()
                 if c.save_every and self.step % c.save_every == 0 and not at_end:
                     self.save()
             self.save()
         if bar is not None:
             bar.close()
+        if board is not None:
+            board.close()
         if self.main:
             plot_metrics(metrics_path, self.out / "loss.png")
         return last
@@ -315,11 +321,15 @@ class Trainer:
         self.step = state["step"]
         self.nonfinite_total, self.nonfinite_run = state["nonfinite_total"], state["nonfinite_run"]
 
-    def _log(self, path: Path, metrics: dict, bar) -> None:
+    def _log(self, path: Path, metrics: dict, bar, board) -> None:
         if not self.main:
             return
         with path.open("a") as f:
             f.write(json.dumps(metrics) + "\n")
+        if board is not None:
+            for key, value in metrics.items():
+                if key != "step":
+                    board.add_scalar(key, value, metrics["step"])
         if bar is not None:
             shown = {"loss": f"{metrics['loss']:.3f}", "tok/s": f"{metrics['tok_s']:,.0f}",
                      "mfu": f"{metrics['flops_frac']:.1%}"}  # fmt: skip
@@ -364,6 +374,15 @@ def plot_metrics(metrics_path: Path, png: Path) -> None:
 
 
 # -- helpers -------------------------------------------------------------------------------
+
+
+def _tensorboard(log_dir: Path):
+    """A TensorBoard SummaryWriter when the tensorboard package is installed, else None."""
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(log_dir=str(log_dir))
 
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
