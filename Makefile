@@ -16,7 +16,7 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 run: $(STAMP)
-	$(VENV)/bin/lightlong bench attention --quick --out-dir runs/bench
+	$(VENV)/bin/lightlong demo
 
 test: $(STAMP)
 	$(PY) -m pytest -m "not slow" -q
@@ -27,6 +27,8 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(VENV)/bin/lightlong bench attention
 	$(VENV)/bin/lightlong bench model
+	$(VENV)/bin/lightlong bench generate
+	$(VENV)/bin/lightlong bench train
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

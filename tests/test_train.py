@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import types
 from pathlib import Path
 
 import numpy as np
@@ -39,7 +40,7 @@ from lightlong.train.checkpoint import (
     save_checkpoint,
 )
 from lightlong.train.data import IGNORE, TASKS, _ranges
-from lightlong.train.demo import DemoConfig, run_demo
+from lightlong.train.demo import DemoConfig, format_demo, run_demo
 
 TIMEOUT_S = 240  # a subprocess that runs longer has hung
 
@@ -623,8 +624,10 @@ def test_two_processes_match_one(tmp_path, moe_model, parallel):
     assert two_rows[-1]["eval_loss"] == pytest.approx(one_rows[-1]["eval_loss"], rel=1e-5)
     two = HybridLM.from_pretrained(out / "step-3", dtype=torch.float32).state_dict()
     start = HybridLM.from_pretrained(moe_model).state_dict()
+    # AdamW divides by the gradient's running RMS, so rounding differences of rarely used
+    # experts' small gradients grow to ~1e-5; a wrong reduction is off by far more.
     for k, w in snapshot(one.model).items():
-        assert_close(two[k], w, 1e-5, k)
+        assert_close(two[k], w, 5e-5, k)
     assert max(rel_err(w, start[k]) for k, w in two.items()) > 1e-3  # and they did train
 
 
@@ -650,7 +653,7 @@ def test_two_processes_evaluate_the_same_held_out_text_as_one(tmp_path, moe_mode
 # -------------------------------------------------------------------------------- demo
 
 
-def test_demo_trains_three_models_and_reports_recall(tmp_path, capsys):
+def test_demo_trains_three_models_and_reports_accuracy(tmp_path, capsys):
     cfg = DemoConfig(seq_len=64, num_pairs=4, num_queries=4, steps=2, batch_size=2,
                      length_factors=[1, 2], eval_batches=1, out_dir=str(tmp_path))  # fmt: skip
     report = run_demo(cfg)
@@ -658,18 +661,57 @@ def test_demo_trains_three_models_and_reports_recall(tmp_path, capsys):
     assert list(results) == ["tiny", "tiny-linear", "tiny-softmax"]
     assert [r["layers"] for r in results.values()] == ["LLLS", "LLLL", "SSSS"]
     for r in results.values():
-        assert list(r["recall"]) == [64, 128] and all(0 <= a <= 1 for a in r["recall"].values())
+        acc = r["accuracy"]
+        assert list(acc) == [64, 128] and all(0 <= a <= 1 for a in acc.values())
         assert [step for step, _ in r["curve"]] == [1, 2]
     saved = json.loads((tmp_path / "report.json").read_text())
-    recall = results["tiny"]["recall"]
-    assert saved["results"]["tiny"]["recall"] == {"64": recall[64], "128": recall[128]}
-    assert (tmp_path / "loss.png").is_file() and (tmp_path / "recall.png").is_file()
-    assert "| tiny-softmax | SSSS |" in capsys.readouterr().out
+    acc = results["tiny"]["accuracy"]
+    assert saved["results"]["tiny"]["accuracy"] == {"64": acc[64], "128": acc[128]}
+    assert (tmp_path / "loss.png").is_file() and (tmp_path / "accuracy.png").is_file()
+    table = capsys.readouterr().out
+    assert "| tiny-softmax | SSSS |" in table and "copy 4 tokens, trained at 64 tokens" in table
+
+
+def test_demo_table_cells_are_the_report_numbers():
+    report = {
+        "task": "copy 16 tokens, trained at 64 tokens",
+        "machine": {"cpu": "x", "torch_threads": 2},
+        "results": {
+            "m": {"layers": "LS", "params": 1.5e6, "train_seconds": 12.4, "eval_loss": 0.1234,
+                  "accuracy": {64: 0.987, 256: 0.25}},
+        },
+    }  # fmt: skip
+    row = next(line for line in format_demo(report).splitlines() if line.startswith("| m |"))
+    assert row == "| m | LS | 1.50M | 12 | 0.123 | 0.99 | 0.25 |"
 
 
 @pytest.mark.parametrize(
-    ("field", "value"), [("presets", []), ("length_factors", [2, 4]), ("length_factors", [0, 1])]
+    ("field", "value"),
+    [("presets", []), ("length_factors", [2, 4]), ("length_factors", [0, 1]), ("task", "text")],
 )
 def test_demo_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
         DemoConfig(**{field: value}).validate()
+
+
+def test_metrics_go_to_tensorboard_when_it_is_installed(tmp_path, monkeypatch):
+    """With a SummaryWriter importable, every logged metric is a scalar at its step."""
+    written: list[tuple[str, float, int]] = []
+
+    class Writer:
+        def __init__(self, log_dir: str):
+            assert log_dir == str(tmp_path / "tensorboard")
+
+        def add_scalar(self, key: str, value: float, step: int) -> None:
+            written.append((key, value, step))
+
+        def close(self) -> None:
+            written.append(("closed", 0.0, 0))
+
+    fake = types.ModuleType("torch.utils.tensorboard")
+    fake.SummaryWriter = Writer
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", fake)
+    Trainer(train_cfg(tmp_path, steps=2)).fit()
+    rows = read_metrics(tmp_path)
+    expected = [(k, v, r["step"]) for r in rows for k, v in r.items() if k != "step"]
+    assert written == [*expected, ("closed", 0.0, 0)]
