@@ -139,8 +139,9 @@ def run_model_bench(cfg: ModelBenchConfig) -> dict:
     return report
 
 
-def predict_seconds(points: list[tuple[int, float]], T: int) -> float:
-    """Time at T extrapolated from the last two (T, s) points (power law, exponent >= 1)."""
+def predict_seconds(points: list[tuple[int, float]], T: int, min_exponent: float = 1.0) -> float:
+    """Time at T extrapolated from the last two (T, s) points (power law, exponent >=
+    min_exponent; 2 from a single point)."""
     if not points:
         return 0.0
     if len(points) == 1:
@@ -149,7 +150,8 @@ def predict_seconds(points: list[tuple[int, float]], T: int) -> float:
     (t1, s1), (t2, s2) = points[-2:]
     import math
 
-    p = max(1.0, math.log(s2 / s1) / math.log(t2 / t1)) if s1 > 0 and s2 > 0 else 2.0
+    p = math.log(s2 / s1) / math.log(t2 / t1) if s1 > 0 and s2 > 0 else 2.0
+    p = max(min_exponent, p)
     return s2 * (T / t2) ** p
 
 
