@@ -94,6 +94,16 @@ def _generate(args: argparse.Namespace) -> None:
     )
 
 
+def _eval(args: argparse.Namespace) -> None:
+    from lightlong.eval.runner import EvalConfig, run_eval
+
+    cfg = config_from_args(EvalConfig, args)
+    if args.print_config:
+        print(json.dumps(dataclasses.asdict(cfg), indent=2))
+        return
+    run_eval(args.task, cfg)
+
+
 def _train(args: argparse.Namespace) -> None:
     from lightlong.train import TrainConfig, Trainer
 
@@ -113,6 +123,8 @@ def build_parser() -> argparse.ArgumentParser:
     from lightlong.bench.generate import GenerateBenchConfig, run_generate_bench
     from lightlong.bench.model import ModelBenchConfig, run_model_bench
     from lightlong.bench.train import TrainBenchConfig, run_train_bench
+    from lightlong.eval.runner import TASKS as EVAL_TASKS
+    from lightlong.eval.runner import EvalConfig
     from lightlong.train.demo import DemoConfig, run_demo
 
     parser = argparse.ArgumentParser(prog="lightlong", description=__doc__)
@@ -149,6 +161,13 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_args(demo, DemoConfig)
     demo.set_defaults(func=_run_config(DemoConfig, run_demo), keep_freed_memory=False)
+
+    evaluate = commands.add_parser(
+        "eval", help="long-context evaluation: NIAH, RULER-style, MR-NIAH, perplexity"
+    )
+    evaluate.add_argument("task", choices=[*EVAL_TASKS, "all"], help="task, or all (quick suite)")
+    add_config_args(evaluate, EvalConfig)
+    evaluate.set_defaults(func=_eval)
 
     info = commands.add_parser("info", help="architecture, parameter counts, memory plan")
     info.add_argument("model", help="preset name or checkpoint directory")

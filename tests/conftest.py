@@ -6,6 +6,9 @@ computed in float64): err = ||actual − ref||_F / ||ref||_F.
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 import torch
 from torch import Tensor
@@ -52,3 +55,10 @@ def assert_close(actual: Tensor | None, ref: Tensor | None, tol: float, name: st
             f"(shape {tuple(actual.shape)}, {actual.dtype} vs {ref.dtype})"
         )
     return err
+
+
+def lightlong_cli(*args: str) -> subprocess.CompletedProcess:
+    """Runs `python -m lightlong ARGS` and captures its output."""
+    return subprocess.run(
+        [sys.executable, "-m", "lightlong", *args], capture_output=True, text=True
+    )

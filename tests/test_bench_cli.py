@@ -3,11 +3,10 @@
 from __future__ import annotations
 
 import json
-import subprocess
-import sys
 
 import pytest
 import torch
+from conftest import lightlong_cli
 
 from lightlong.bench import attention as bench
 from lightlong.bench.attention import AttentionBenchConfig, lightning_flops, run_attention_bench
@@ -59,13 +58,6 @@ def test_config_file_unknown_key_is_named(tmp_path):
     args = build_parser().parse_args(["bench", "attention", "--config", str(path)])
     with pytest.raises(ValueError, match="haeds"):
         config_from_args(AttentionBenchConfig, args)
-
-
-def lightlong_cli(*args: str) -> subprocess.CompletedProcess:
-    """Runs `python -m lightlong ARGS` and captures its output."""
-    return subprocess.run(
-        [sys.executable, "-m", "lightlong", *args], capture_output=True, text=True
-    )
 
 
 def test_cli_print_config():

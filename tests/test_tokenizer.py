@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import json
 import random
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from conftest import lightlong_cli
 
 from lightlong.tokenizer import (
     ByteTokenizer,
@@ -27,13 +26,6 @@ TEXTS = {
 }
 WORDS = ["the", "of", "and", "long", "context", "lightning", "attention", "decay", "state"]
 WORDS += ["model", "héllo", "naïve", "日本", "😀"]
-
-
-def lightlong_cli(*args: str) -> subprocess.CompletedProcess:
-    """Runs `python -m lightlong ARGS` and captures its output."""
-    return subprocess.run(
-        [sys.executable, "-m", "lightlong", *args], capture_output=True, text=True
-    )
 
 
 def write_corpus(path: Path, n_words: int = 4000, seed: int = 0) -> str:

@@ -180,7 +180,7 @@ class TextData:
             raise ValueError(f"batch_size {batch_size} must divide by world_size {world_size}")
         eos = tokenizer.eos_token_id
         stream, starts = [], []
-        for doc in _documents(files, field):
+        for doc in read_documents(files, field):
             starts.append(len(stream))
             stream.extend(tokenizer.encode(doc))
             if eos is not None:
@@ -222,7 +222,9 @@ class TextData:
         self.position = int(state["position"])
 
 
-def _documents(files: Sequence[str | Path], field: str) -> Iterator[str]:
+def read_documents(files: Sequence[str | Path], field: str = "text") -> Iterator[str]:
+    """The documents of text files: a whole `.txt` file, or each line's `field` of a `.jsonl`
+    file. Errors name the file (and line)."""
     for f in map(Path, files):
         if not f.is_file():
             raise ValueError(f"data file {f} does not exist")

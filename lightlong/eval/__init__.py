@@ -1,0 +1,1 @@
+"""Long-context evaluation: NIAH, RULER-style tasks, MR-NIAH, perplexity by position."""
