@@ -6,7 +6,7 @@ TORCH_SPEC ?= torch==2.13.0
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: run test test-all bench lint format clean
+.PHONY: run test test-all test-triton-interpret bench lint format clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -23,6 +23,11 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q
+
+# The Triton kernels on the CPU interpreter (small shapes, ~3 min); on a GPU `make test` runs them.
+test-triton-interpret: $(STAMP)
+	$(PY) -m pip install -q -e ".[triton]"
+	TRITON_INTERPRET=1 $(PY) -m pytest -m triton -q tests/test_lightning_triton.py tests/test_lightning_ops.py
 
 bench: $(STAMP)
 	$(VENV)/bin/lightlong bench attention

@@ -6,6 +6,8 @@ computed in float64): err = ||actual − ref||_F / ||ref||_F.
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import subprocess
 import sys
 
@@ -62,3 +64,21 @@ def lightlong_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
         [sys.executable, "-m", "lightlong", *args], capture_output=True, text=True
     )
+
+
+def triton_device() -> str | None:
+    """Where lightning's backend "triton" runs in this process: "cpu" on the Triton
+    interpreter (TRITON_INTERPRET=1), "cuda" with a GPU and triton, else None."""
+    if importlib.util.find_spec("triton") is None:
+        return None
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        return "cpu"
+    return "cuda" if torch.cuda.is_available() else None
+
+
+TRITON_INTERPRETED = triton_device() == "cpu"
+requires_triton = pytest.mark.skipif(
+    triton_device() is None,
+    reason="backend 'triton' needs CUDA and triton, or TRITON_INTERPRET=1 "
+    "(make test-triton-interpret)",
+)

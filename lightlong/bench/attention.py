@@ -3,6 +3,8 @@
 Every figure comes from one run: each length is measured in a fresh process (so peak
 memory is that length's own), the machine's matmul rate is measured in the same run, and
 nothing is timed unless the op first matches its float64 reference on these shapes.
+On CUDA (`--device cuda`, see `attention_cuda.py`) it also compares lightning's Triton
+and torch backends, flash-linear-attention and FlashAttention, and times decode steps.
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ from __future__ import annotations
 import json
 import math
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -42,7 +45,7 @@ class AttentionBenchConfig:
     dtype: str = "float32"
     """float32, bfloat16 or float16."""
     device: str = "cpu"
-    """Torch device."""
+    """Torch device; "cuda" runs the GPU comparison (benchmarks/attention-cuda.toml)."""
     block_size: int = 0
     """Lightning block size C; 0 means the op's default."""
     fwdbwd_max_len: int = 262144
@@ -51,6 +54,12 @@ class AttentionBenchConfig:
     """Softmax lengths whose predicted time exceeds this are skipped."""
     out_dir: str = "benchmarks/results"
     """Where the JSON and PNG go."""
+    tokens: int = 0
+    """CUDA: tokens per measurement, B = max(batch, tokens // T) (short rows batch up); 0: batch."""
+    decode_batches: list[int] = field(default_factory=list)
+    """CUDA: decode batch sizes timed; empty means 1, 2, 4 ... 256."""
+    decode_heads: int = 64
+    """CUDA: heads H of the decode benchmark (K = V = head_dim)."""
 
     def validate(self) -> None:
         """Raises ValueError naming the field that is out of range."""
@@ -65,12 +74,28 @@ class AttentionBenchConfig:
             raise ValueError(f"lengths must be positive, got {self.lengths}")
         if self.sdpa_limit_s <= 0:
             raise ValueError(f"sdpa_limit_s must be > 0, got {self.sdpa_limit_s}")
+        if self.tokens < 0:
+            raise ValueError(f"tokens must be >= 0 (0 = batch), got {self.tokens}")
+        if self.decode_heads < 1 or any(b < 1 for b in self.decode_batches):
+            raise ValueError(
+                f"decode_heads and decode_batches must be >= 1, got {self.decode_heads}, "
+                f"{self.decode_batches}"
+            )
+        if self.device.startswith("cuda") and not torch.cuda.is_available():
+            raise ValueError(
+                f"device {self.device!r}: torch sees no CUDA device (torch {torch.__version__}, "
+                f"CUDA build {torch.version.cuda}); run on a GPU machine with a CUDA build of "
+                "torch, or use --device cpu"
+            )
 
 
-def check_against_reference(cfg: AttentionBenchConfig, block: int) -> float:
-    """Max relative error of the op (forward and gradients) vs float64 naive, same H, D, C.
+def check_against_reference(
+    cfg: AttentionBenchConfig, block: int, op: Callable | None = None
+) -> float:
+    """Max relative error of an op (forward and gradients) vs float64 naive, same H, D, C.
 
-    Runs a short slice (3 blocks + 5 tokens) of the benchmark's shapes.
+    op(q, k, v, decay) -> o; None means `lightning_attn` with block size `block`. Runs a
+    short slice (3 blocks + 5 tokens) of the benchmark's shapes.
     """
     torch.manual_seed(0)
     T = 3 * block + 5
@@ -83,7 +108,10 @@ def check_against_reference(cfg: AttentionBenchConfig, block: int) -> float:
     do = torch.randn(1, T, H, D, dtype=torch.float64, device=cfg.device)
     ref, _ = lightning_attn_naive(*x64, decay)
     ref_grads = torch.autograd.grad(ref, x64, do)
-    out, _ = lightning_attn(*xs, decay, block_size=block)
+    if op is None:
+        out, _ = lightning_attn(*xs, decay, block_size=block)
+    else:
+        out = op(*xs, decay)
     grads = torch.autograd.grad(out, xs, do.to(dtype))
     errs = [
         ((a.double() - b).norm() / b.norm()).item()
@@ -109,6 +137,10 @@ def _fit_power(xs: list[float], ys: list[float]) -> tuple[float, float]:
 def run_attention_bench(cfg: AttentionBenchConfig) -> dict:
     """Measures, prints the table, writes JSON + PNG; returns the report dict."""
     cfg.validate()
+    if cfg.device.startswith("cuda"):
+        from lightlong.bench.attention_cuda import run_attention_bench_cuda
+
+        return run_attention_bench_cuda(cfg)
     lengths = sorted(cfg.lengths or (QUICK_LENGTHS if cfg.quick else FULL_LENGTHS))
     H, D, B = cfg.heads, cfg.head_dim, cfg.batch
     block = cfg.block_size or DEFAULT_BLOCK_SIZE

@@ -52,6 +52,26 @@ def matmul_gflops(
     return 2 * n**3 / best / 1e9
 
 
+def copy_gbps(nbytes: int = 2**30, device: str = "cpu", reps: int = 5) -> float:
+    """Best achieved GB/s of copying nbytes (each byte read once and written once)."""
+    src = torch.empty(nbytes, dtype=torch.uint8, device=device).fill_(1)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    best = float("inf")
+    for _ in range(reps):
+        sync(device)
+        t0 = time.perf_counter()
+        dst.copy_(src)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * nbytes / best / 1e9
+
+
+def slug(name: str) -> str:
+    """A machine's name for file names: 'NVIDIA H200' -> 'nvidia-h200'."""
+    return "-".join("".join(c if c.isalnum() else " " for c in name.lower()).split())
+
+
 def sync(device: str) -> None:
     """Waits for queued GPU work; a no-op on the CPU."""
     if device.startswith("cuda"):

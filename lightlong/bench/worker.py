@@ -87,30 +87,44 @@ def time_and_peak(fn: Callable[[], object], device: str) -> tuple[float, int]:
 
 
 def measure_attention(spec: dict) -> dict:
-    """Forward, then forward+backward, of lightning attention or causal SDPA at one length.
+    """Forward, then forward+backward, of one attention op at one length.
 
-    spec: op ("lightning" | "sdpa"), T, B, H, K, V, dtype, device, block_size, modes.
+    spec: op ("lightning" | "sdpa" | "fla"), T, B, H, K, V, dtype, device, block_size, modes,
+    backend (lightning's; default "auto"). "sdpa" is causal softmax, on CUDA in bf16/fp16 with
+    the FlashAttention kernel; "fla" is flash-linear-attention's chunk_simple_gla with
+    g_gamma = −decay (the same op as lightning's).
     """
+    from contextlib import nullcontext
+
     from torch.nn import functional as F
+    from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from lightlong.ops import decay_rates, lightning_attn
 
     op, T, B, H, K, V = (spec[x] for x in ("op", "T", "B", "H", "K", "V"))
     dtype, device = DTYPES[spec["dtype"]], spec["device"]
     torch.manual_seed(0)
+    decay = decay_rates(H, 0, 80, device=device)
+    shape_q, shape_v = (B, T, H, K), (B, T, H, V)
     if op == "lightning":
-        shape_q, shape_v = (B, T, H, K), (B, T, H, V)
-        decay = decay_rates(H, 0, 80, device=device)
+        backend = spec.get("backend", "auto")
 
         def run(q, k, v):
-            return lightning_attn(q, k, v, decay, block_size=spec["block_size"])[0]
+            return lightning_attn(q, k, v, decay, block_size=spec["block_size"], backend=backend)[0]
     elif op == "sdpa":
         shape_q, shape_v = (B, H, T, K), (B, H, T, V)
+        flash = device.startswith("cuda") and dtype != torch.float32
 
         def run(q, k, v):
-            return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+            with sdpa_kernel(SDPBackend.FLASH_ATTENTION) if flash else nullcontext():
+                return F.scaled_dot_product_attention(q, k, v, is_causal=True)
+    elif op == "fla":
+        from fla.ops.simple_gla import chunk_simple_gla
+
+        def run(q, k, v):
+            return chunk_simple_gla(q, k, v, g_gamma=-decay, scale=K**-0.5)[0]
     else:
-        raise ValueError(f"op must be 'lightning' or 'sdpa', got {op!r}")
+        raise ValueError(f"op must be 'lightning', 'sdpa' or 'fla', got {op!r}")
 
     q, k = (torch.randn(shape_q, dtype=dtype, device=device) for _ in range(2))
     v = torch.randn(shape_v, dtype=dtype, device=device)
@@ -130,6 +144,33 @@ def measure_attention(spec: dict) -> dict:
 
         result["fwdbwd_s"], result["fwdbwd_peak_bytes"] = time_and_peak(step, device)
     return result
+
+
+def measure_decode(spec: dict) -> dict:
+    """µs per decode step (`lightning_attn_step`) for B sequences, and the bytes it moves.
+
+    spec: B, H, K, V, dtype, device, backend, steps (timed back to back, so that launch
+    overhead overlaps the GPU's work as in a decode loop).
+    """
+    from lightlong.ops import decay_rates, lightning_attn_step
+
+    B, H, K, V, device = (spec[x] for x in ("B", "H", "K", "V", "device"))
+    dtype = DTYPES[spec["dtype"]]
+    gen = torch.Generator().manual_seed(0)
+    q, k = (torch.randn(B, 1, H, K, generator=gen).to(device, dtype) for _ in range(2))
+    v = torch.randn(B, 1, H, V, generator=gen).to(device, dtype)
+    state = torch.zeros(B, H, K, V, dtype=torch.float32, device=device)
+    decay = decay_rates(H, 0, 80, device=device)
+
+    def steps():
+        for _ in range(spec["steps"]):
+            lightning_attn_step(q, k, v, decay, state, backend=spec["backend"])
+
+    seconds, _ = time_and_peak(steps, device)
+    state_bytes = state.numel() * state.element_size()
+    io_bytes = (q.numel() + k.numel() + 2 * v.numel()) * q.element_size()  # q, k, v in; o out
+    return {"step_s": seconds / spec["steps"], "bytes": 2 * state_bytes + io_bytes,
+            "state_bytes": state_bytes}  # fmt: skip
 
 
 def measure_model(spec: dict) -> dict:
@@ -353,6 +394,7 @@ def measure_train(spec: dict) -> dict:
 
 _KINDS = {
     "attention": measure_attention,
+    "decode": measure_decode,
     "model": measure_model,
     "generate": measure_generate,
     "train": measure_train,

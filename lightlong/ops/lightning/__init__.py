@@ -1,7 +1,8 @@
 """Lightning attention: causal linear attention with per-head exponential decay.
 
-`lightning_attn` is the fast tiled op; `lightning_attn_naive` (quadratic) and
-`lightning_attn_recurrent` (token loop, also the decode step) are its references.
+`lightning_attn` is the fast tiled op (a torch path on any device, Triton kernels on CUDA:
+`triton/`); `lightning_attn_naive` (quadratic) and `lightning_attn_recurrent` (token loop;
+`lightning_attn_step` decodes) are its references.
 """
 
 from .api import lightning_attn

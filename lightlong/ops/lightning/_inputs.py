@@ -5,7 +5,11 @@
 
 from __future__ import annotations
 
+import functools
+import importlib.util
+import logging
 import math
+import os
 from dataclasses import dataclass
 
 import torch
@@ -13,7 +17,13 @@ from torch import Tensor
 
 from lightlong.ops.varlen import check_cu_seqlens
 
+logger = logging.getLogger(__name__)
+
 _FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+BACKENDS = ("auto", "torch", "triton")
+TRITON_BLOCK_SIZES = (16, 32, 64, 128)
+"""Block sizes the Triton kernels take: powers of two of at least tl.dot's minimum, 16."""
 
 
 @dataclass(frozen=True)
@@ -104,3 +114,43 @@ def check_inputs(
         if initial_state.device != q.device:
             raise ValueError(f"initial_state must be on {q.device}, got {initial_state.device}")
     return LightningInputs(scale=float(scale), offsets=offsets, state_dtype=state_dtype)
+
+
+@functools.cache
+def triton_installed() -> bool:
+    """Whether triton can be imported (checked without importing it)."""
+    return importlib.util.find_spec("triton") is not None
+
+
+def resolve_backend(backend: str, x: Tensor, op: str) -> str:
+    """The backend an op runs on `x` (its q), for backend = "auto", "torch" or "triton".
+
+    "auto" is "triton" for float16/bfloat16/float32 CUDA tensors when triton is installed,
+    "torch" otherwise, and logs its choice. "triton" needs triton, float16/bfloat16/float32
+    and a CUDA tensor, or TRITON_INTERPRET=1 (set before triton is imported) to run the
+    kernels on the CPU interpreter. Raises ValueError naming the backend otherwise.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    if backend == "auto":
+        fits = x.device.type == "cuda" and x.dtype != torch.float64
+        chosen = "triton" if fits and triton_installed() else "torch"
+        logger.debug("%s: backend 'auto' -> %r for %s on %s", op, chosen, x.dtype, x.device)
+        return chosen
+    if backend == "triton":
+        if not triton_installed():
+            raise ValueError(
+                "backend='triton' needs the triton package: pip install 'lightlong[triton]'"
+            )
+        if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+            raise ValueError(
+                f"backend='triton' expects CUDA tensors, got q on {x.device}; use "
+                "backend='torch' (or 'auto'), or set TRITON_INTERPRET=1 before triton is "
+                "imported to run the kernels on the CPU interpreter"
+            )
+        if x.dtype == torch.float64:
+            raise ValueError(
+                "backend='triton' expects float16, bfloat16 or float32 inputs, got "
+                "torch.float64 (the reference dtype: use backend='torch')"
+            )
+    return backend

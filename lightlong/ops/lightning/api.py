@@ -10,12 +10,10 @@ import logging
 import torch
 from torch import Tensor
 
-from ._inputs import check_inputs
+from ._inputs import TRITON_BLOCK_SIZES, check_inputs, resolve_backend
 from .chunk import LightningChunkFn, make_plan
 
 logger = logging.getLogger(__name__)
-
-BACKENDS = ("auto", "torch")
 
 # Bytes of q, k, v per group of blocks processed together: small enough that a group's
 # working set stays in the CPU's caches (measured: 8 MiB is ~1.4x faster than 32 MiB at
@@ -54,18 +52,18 @@ def lightning_attn(
         initial_state: [N, H, K, V], the state before each sequence's first token.
         output_final_state: also return each sequence's state after its last token.
         cu_seqlens: int64 [N + 1] offsets of sequences packed along T, with B == 1.
-        block_size: tokens per block C; None means DEFAULT_BLOCK_SIZE (64).
-        backend: "auto" or "torch" (the tiled torch path, any device).
+        block_size: tokens per block C; None means DEFAULT_BLOCK_SIZE (64). The Triton
+            kernels take 16, 32, 64 or 128 (others are an error for backend "triton"; "auto"
+            runs them with 64 and logs it: the result does not depend on C).
+        backend: "torch" (the tiled torch path, any device), "triton" (fused kernels, CUDA;
+            float16/bfloat16/float32) or "auto" (triton on CUDA when installed, else torch).
 
     Returns:
         o [B, T, H, V] in q's dtype; final_state [N, H, K, V] float32 (float64 for float64
         inputs) or None. N is B, or the number of packed sequences. Accumulation is float32.
     """
     args = check_inputs(q, k, v, decay, scale, initial_state, cu_seqlens)
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    if backend == "auto":
-        logger.debug("lightning_attn: backend 'auto' -> 'torch' on %s", q.device)
+    chosen = resolve_backend(backend, q, "lightning_attn")
     if decay.requires_grad and torch.is_grad_enabled():
         raise ValueError("decay must not require grad: the op treats decay rates as constants")
     B, T, H, K = q.shape
@@ -74,6 +72,22 @@ def lightning_attn(
         block_size = DEFAULT_BLOCK_SIZE
     elif not isinstance(block_size, int) or isinstance(block_size, bool) or block_size < 1:
         raise ValueError(f"block_size must be a positive int or None, got {block_size!r}")
+    if chosen == "triton":
+        if block_size not in TRITON_BLOCK_SIZES and backend == "triton":
+            raise ValueError(
+                f"block_size for backend='triton' must be one of {TRITON_BLOCK_SIZES} or None, "
+                f"got {block_size!r}"
+            )
+        if block_size not in TRITON_BLOCK_SIZES:  # "auto": the result does not depend on C
+            logger.debug(
+                "lightning_attn: block_size %d -> %d for triton", block_size, DEFAULT_BLOCK_SIZE
+            )
+            block_size = DEFAULT_BLOCK_SIZE
+        from .triton import lightning_attn_triton
+
+        return lightning_attn_triton(
+            q, k, v, decay, args.scale, args.offsets, initial_state, output_final_state, block_size
+        )
 
     group = max(1, _GROUP_BYTES // (4 * H * (2 * K + V) * block_size))
     plan = make_plan(args.offsets, decay, args.scale, block_size, group, args.state_dtype)

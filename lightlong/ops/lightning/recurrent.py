@@ -16,7 +16,7 @@ import itertools
 import torch
 from torch import Tensor
 
-from ._inputs import check_inputs
+from ._inputs import check_inputs, resolve_backend
 
 
 def _recur(q: Tensor, k: Tensor, v: Tensor, s: Tensor, scale: float, S: Tensor):
@@ -80,7 +80,14 @@ def lightning_attn_recurrent(
 
 @torch.no_grad()
 def lightning_attn_step(
-    q: Tensor, k: Tensor, v: Tensor, decay: Tensor, state: Tensor, *, scale: float | None = None
+    q: Tensor,
+    k: Tensor,
+    v: Tensor,
+    decay: Tensor,
+    state: Tensor,
+    *,
+    scale: float | None = None,
+    backend: str = "auto",
 ) -> Tensor:
     """One decode step for B sequences, updating `state` in place: O(1) in the context length.
 
@@ -88,6 +95,8 @@ def lightning_attn_step(
         q, k: [B, 1, H, K]; v: [B, 1, H, V]; decay: [H] rates s_h >= 0.
         state: [B, H, K, V] float32 (float64 for float64 inputs), overwritten with S_t.
         scale: None means K**-0.5.
+        backend: "torch", "triton" (one fused kernel, CUDA) or "auto" (triton on CUDA
+            when installed, else torch), as for `lightning_attn`.
 
     Returns:
         o [B, 1, H, V] in q's dtype. Not differentiable (inference only).
@@ -103,6 +112,11 @@ def lightning_attn_step(
         )
     if not state.is_contiguous():
         raise ValueError("state must be contiguous: it is updated in place")
+    if resolve_backend(backend, q, "lightning_attn_step") == "triton":
+        from .triton import decode_step
+
+        q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
+        return decode_step(q, k, v, decay.to(torch.float32).contiguous(), state, args.scale)
     dt = state.dtype
     # S ← S + expm1(−s)·S + kᵀv: the exact-rate form of `_recur`.
     state.addcmul_(state, torch.expm1(-decay.to(dt))[:, None, None])
