@@ -23,6 +23,7 @@ test: $(STAMP)
 
 test-all: $(STAMP)
 	$(PY) -m pytest -q
+	$(MAKE) test-triton-interpret
 
 # The Triton kernels on the CPU interpreter (small shapes, ~3 min); on a GPU `make test` runs them.
 test-triton-interpret: $(STAMP)
