@@ -125,6 +125,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lightlong.bench.train import TrainBenchConfig, run_train_bench
     from lightlong.eval.runner import TASKS as EVAL_TASKS
     from lightlong.eval.runner import EvalConfig
+    from lightlong.train.ablate import AblateConfig, run_ablation
     from lightlong.train.demo import DemoConfig, run_demo
 
     parser = argparse.ArgumentParser(prog="lightlong", description=__doc__)
@@ -161,6 +162,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_args(demo, DemoConfig)
     demo.set_defaults(func=_run_config(DemoConfig, run_demo), keep_freed_memory=False)
+
+    ablate = commands.add_parser(
+        "ablate", help="train hybrid variants (lightning, cosformer, ...) alike and compare"
+    )
+    add_config_args(ablate, AblateConfig)
+    ablate.set_defaults(func=_run_config(AblateConfig, run_ablation), keep_freed_memory=False)
 
     evaluate = commands.add_parser(
         "eval", help="long-context evaluation: NIAH, RULER-style, MR-NIAH, perplexity"

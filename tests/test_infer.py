@@ -27,15 +27,22 @@ VARIANTS = {
     "hybrid": None,
     "lightning": ["lightning"] * 4,
     "softmax": ["softmax"] * 4,
+    # the lineage (issue 8), each in the hybrid's place of lightning
+    "cosformer": ["cosformer"] * 3 + ["softmax"],
+    "norm_linear": ["norm_linear"] * 3 + ["softmax"],
+    "window": ["window_softmax"] * 3 + ["softmax"],
+    "diag": ["diag_softmax"] * 3 + ["softmax"],
 }
+LINEAGE = ["cosformer", "norm_linear", "window", "diag"]
 
 
 def tiny(layer_types: list[str] | None = None, **overrides) -> HybridConfig:
-    """The tiny preset with 16-token lightning blocks and weights large enough that every
-    token visibly moves the logits (a lost or stale state is far above the tolerances)."""
-    cfg = dataclasses.replace(
-        HybridConfig.from_preset("tiny"), block_size=16, initializer_range=0.1, **overrides
-    )
+    """The tiny preset with 16-token lightning blocks, 8-token windows and diagonal blocks
+    (shorter than the tests' sequences) and weights large enough that every token visibly
+    moves the logits (a lost or stale state is far above the tolerances)."""
+    settings = {"block_size": 16, "initializer_range": 0.1, "window_size": 8,
+                "diag_block_size": 8, "cosformer_max_len": 64} | overrides  # fmt: skip
+    cfg = dataclasses.replace(HybridConfig.from_preset("tiny"), **settings)
     if layer_types is not None:
         cfg = dataclasses.replace(cfg, layer_types=list(layer_types), num_layers=len(layer_types))
     return cfg.validate()
@@ -173,7 +180,7 @@ def test_generate_batch_rows_match_single_prompts(mode):
     assert engine.generate(prompts, params)[0].token_ids == batched[0].token_ids  # seeded
 
 
-@pytest.mark.parametrize("variant", ["hybrid", "softmax"])
+@pytest.mark.parametrize("variant", ["hybrid", "softmax", *LINEAGE])
 def test_stacked_cache_decode_matches_single_row_caches(variant):
     model = make_model(tiny(VARIANTS[variant]))
     engine = Engine(model, prefill_chunk=8)
@@ -201,7 +208,7 @@ def test_stacked_cache_decode_matches_single_row_caches(variant):
                 assert_close(alone, full[b][:, s + 1], 1e-5, f"step {s} row {b} vs full")
 
 
-@pytest.mark.parametrize("variant", ["hybrid", "softmax"])
+@pytest.mark.parametrize("variant", ["hybrid", "softmax", *LINEAGE])
 def test_batch_of_one_with_padding_matches_fresh_sequence(variant):
     """A cache whose only row is padded (freed by reset, and stacked alone): a new sequence
     run through it, in a multi-token chunk and then token by token, equals the full forward."""

@@ -1,7 +1,10 @@
 """`HybridCache`: what a hybrid model remembers between forward calls.
 
 A lightning layer's whole past is one fp32 state per head, [B, H, K, V], whatever the
-context length. Only softmax layers keep keys and values, [B, G, L, D] for L cache slots.
+context length (a norm_linear layer's too; a cosformer layer's is [B, H, 2K, V + 1]). Local
+softmax layers (window, diag) keep their last S keys and values with their positions,
+[B, G, S, D] and [B, S] (−1: empty). Only softmax layers keep keys and values that grow,
+[B, G, L, D] for L cache slots.
 All rows share one slot axis: row b's first `pad[b]` slots are left padding (rows whose
 prompts were shorter than the longest, see `stack`), and its tokens start there.
 
@@ -11,12 +14,14 @@ prompts were shorter than the longest, see `stack`), and its tokens start there.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
 from lightlong.model import HybridConfig, HybridLM
+from lightlong.model.config import LINEAR_TYPES, LOCAL_TYPES
+from lightlong.ops.local import empty_local_cache
 
 # Slots are allocated in multiples of this many tokens.
 _SLOT_ROUND = 256
@@ -31,16 +36,18 @@ class CacheSnapshot:
     values: dict[int, Tensor]
     length: int
     pad: Tensor
+    local: dict[int, tuple[Tensor, Tensor, Tensor]] = field(default_factory=dict)
 
     @property
     def nbytes(self) -> int:
         """Bytes held by the copy."""
         tensors = [*self.states.values(), *self.keys.values(), *self.values.values()]
+        tensors += [t for kvp in self.local.values() for t in kvp]
         return sum(t.numel() * t.element_size() for t in tensors)
 
 
 class HybridCache:
-    """Lightning states (constant size) and softmax-layer KV (grows with the context).
+    """Linear states and local KV (constant size), softmax-layer KV (grows with the context).
 
     Args:
         config: the model's config.
@@ -65,11 +72,21 @@ class HybridCache:
         self.device, self.dtype = torch.device(device), dtype
         state_dtype = torch.float64 if dtype == torch.float64 else torch.float32
         B = self.batch_size = batch_size
+        K = V = c.head_dim
         self.states = {
-            i: torch.zeros(B, c.num_heads, c.head_dim, c.head_dim, dtype=state_dtype, device=device)
+            i: torch.zeros(B, c.num_heads, *((2 * K, V + 1) if t == "cosformer" else (K, V)),
+                           dtype=state_dtype, device=device)
             for i, t in enumerate(c.layer_types)
-            if t == "lightning"
-        }
+            if t in LINEAR_TYPES
+        }  # fmt: skip
+        self.local = {
+            i: empty_local_cache(
+                B, c.num_kv_heads, c.window_size if t == "window_softmax" else c.diag_block_size,
+                c.head_dim, dtype, device,
+            )
+            for i, t in enumerate(c.layer_types)
+            if t in LOCAL_TYPES
+        }  # fmt: skip
         kv_shape = (B, c.num_kv_heads, _round_up(capacity), c.head_dim)
         softmax = [i for i, t in enumerate(c.layer_types) if t == "softmax"]
         self.keys = {i: torch.zeros(kv_shape, dtype=dtype, device=device) for i in softmax}
@@ -107,6 +124,16 @@ class HybridCache:
         """The state [B, H, K, V] of lightning layer `layer_idx`, updated in place."""
         return self.states[layer_idx]
 
+    def local_kv(self, layer_idx: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Local layer `layer_idx`'s last keys, values [B, G, S, D] and positions [B, S]."""
+        return self.local[layer_idx]
+
+    def set_local_kv(self, layer_idx: int, k: Tensor, v: Tensor, pos: Tensor) -> None:
+        """Replaces local layer `layer_idx`'s buffers (same shapes as `local_kv`'s)."""
+        if pos.shape != self.local[layer_idx][2].shape:
+            raise ValueError(f"pos must be {tuple(self.local[layer_idx][2].shape)}")
+        self.local[layer_idx] = (k, v, pos)
+
     def append_kv(self, layer_idx: int, k: Tensor, v: Tensor) -> tuple[Tensor, Tensor]:
         """Writes k, v [B, T, G, D] at slots length … length + T − 1 of softmax layer
         `layer_idx`; returns its keys and values [B, G, length + T, D] (views)."""
@@ -135,10 +162,13 @@ class HybridCache:
                 kv[i] = grown
 
     def memory_bytes(self) -> dict[str, int]:
-        """Bytes held: `lightning` (states), `softmax_kv` (allocated KV slots), `total`."""
+        """Bytes held: `lightning` (linear states), `local_kv` (window/diag buffers),
+        `softmax_kv` (allocated KV slots), `total`."""
         states = sum(s.numel() * s.element_size() for s in self.states.values())
+        local = sum(t.numel() * t.element_size() for kvp in self.local.values() for t in kvp)
         kv = sum(t.numel() * t.element_size() for d in (self.keys, self.values) for t in d.values())
-        return {"lightning": states, "softmax_kv": kv, "total": states + kv}
+        return {"lightning": states, "local_kv": local, "softmax_kv": kv,
+                "total": states + local + kv}  # fmt: skip
 
     # -- batch changes ---------------------------------------------------------------------
 
@@ -151,6 +181,8 @@ class HybridCache:
         for d in (self.states, self.keys, self.values):
             for i, t in d.items():
                 d[i] = t.index_select(0, idx)
+        for i, kvp in self.local.items():
+            self.local[i] = tuple(t.index_select(0, idx) for t in kvp)
         self._pad = self._pad.index_select(0, idx)
         self._padded = bool(self._pad.any())
         self.batch_size = len(idx)
@@ -173,6 +205,10 @@ class HybridCache:
         for d in (self.keys, self.values):
             for t in d.values():
                 t.index_fill_(0, idx, 0.0)
+        for k, v, pos in self.local.values():
+            k.index_fill_(0, idx, 0.0)
+            v.index_fill_(0, idx, 0.0)
+            pos.index_fill_(0, idx, -1)
         self._pad.index_fill_(0, idx, self.length)
         self._padded = bool(self._pad.any())
 
@@ -193,11 +229,13 @@ class HybridCache:
             values={i: v[:, :, : self.length].clone() for i, v in self.values.items()},
             length=self.length,
             pad=self._pad.clone(),
+            local={i: tuple(t.clone() for t in kvp) for i, kvp in self.local.items()},
         )
 
     def restore(self, snap: CacheSnapshot) -> None:
         """Sets the cache to `snap` (taken from a cache of the same model and batch size)."""
-        if set(snap.states) != set(self.states) or set(snap.keys) != set(self.keys):
+        same = set(snap.states) == set(self.states) and set(snap.local) == set(self.local)
+        if not same or set(snap.keys) != set(self.keys):
             raise ValueError("snapshot is from a model with other layer types")
         if len(snap.pad) != self.batch_size:
             raise ValueError(
@@ -205,6 +243,7 @@ class HybridCache:
             )
         for i, s in snap.states.items():
             self.states[i].copy_(s)
+        self.local = {i: tuple(t.clone() for t in kvp) for i, kvp in snap.local.items()}
         self.length = 0
         self.reserve(snap.length)
         for dst, src in ((self.keys, snap.keys), (self.values, snap.values)):
@@ -230,6 +269,9 @@ class HybridCache:
             lead = length - c.length
             for i, s in c.states.items():
                 out.states[i][b] = s[0]
+            for i, kvp in c.local.items():  # positions are explicit: no alignment needed
+                for dst, src in zip(out.local[i], kvp, strict=True):
+                    dst[b] = src[0]
             for dst, src in ((out.keys, c.keys), (out.values, c.values)):
                 for i, t in src.items():
                     dst[i][b, :, lead:length] = t[0, :, : c.length]

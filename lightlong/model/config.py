@@ -14,7 +14,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-LAYER_TYPES = ("lightning", "softmax")
+LAYER_TYPES = ("lightning", "softmax", "cosformer", "norm_linear", "diag_softmax", "window_softmax")
+"""Token mixers: MiniMax's two, and the lineage it was chosen from (see `lightlong.nn`)."""
+LINEAR_TYPES = ("lightning", "cosformer", "norm_linear")
+"""Mixers whose whole past is a fixed-size state (they take the linear residual scales)."""
+LOCAL_TYPES = ("diag_softmax", "window_softmax")
+"""Softmax mixers over a bounded span of recent tokens (a bounded KV cache)."""
 CONFIG_FORMATS = ("minimax", "transformers")
 _HF_LAYER_TYPES = {"linear_attention": "lightning", "full_attention": "softmax"}
 
@@ -36,13 +41,22 @@ class HybridConfig:
     head_dim: int = 32
     """Per-head dim."""
     layer_types: list[str] = field(default_factory=lambda: ["lightning"] * 3 + ["softmax"])
-    """'lightning' or 'softmax' per layer (MiniMax-Text-01: softmax every 8th)."""
+    """Mixer per layer: 'lightning' or 'softmax' (MiniMax-Text-01: softmax every 8th), or
+    'cosformer', 'norm_linear', 'diag_softmax', 'window_softmax' (see LAYER_TYPES)."""
     rotary_dim: int = 16
     """Leading dims of each softmax head that RoPE rotates (64 of 128 in MiniMax)."""
     rope_theta: float = 10000.0
     """RoPE base (1e7 in MiniMax)."""
     block_size: int = 64
     """Lightning attention block size C."""
+    window_size: int = 256
+    """window_softmax: tokens each query sees (itself and the W − 1 before it)."""
+    diag_block_size: int = 64
+    """diag_softmax: softmax runs within blocks of this many tokens."""
+    cosformer_max_len: int = 4096
+    """cosformer: M of the cos((i − j)·π / 2M) re-weighting (distances past M weigh < 0)."""
+    norm_linear_decay: bool = True
+    """norm_linear: per-head decay as lightning's (False: plain linear attention)."""
     num_experts: int = 4
     """Experts per MoE block."""
     experts_per_token: int = 2
@@ -79,7 +93,7 @@ class HybridConfig:
         positive = (
             "vocab_size", "hidden_size", "num_layers", "num_heads", "num_kv_heads", "head_dim",
             "block_size", "num_experts", "experts_per_token", "intermediate_size",
-            "max_position_embeddings",
+            "max_position_embeddings", "window_size", "diag_block_size", "cosformer_max_len",
         )  # fmt: skip
         for name in positive:
             value = getattr(self, name)
@@ -130,7 +144,14 @@ class HybridConfig:
         return dataclasses.asdict(self)
 
     def to_minimax_dict(self) -> dict[str, Any]:
-        """The released MiniMax-Text-01 `config.json` fields."""
+        """The released MiniMax-Text-01 `config.json` fields; a model with other mixers than
+        lightning and softmax adds `lightlong_layer_types` and their settings (its
+        `attn_type_list` then says which layers are softmax-like)."""
+        extra = {}
+        if set(self.layer_types) - {"lightning", "softmax"}:
+            extra = {"lightlong_layer_types": list(self.layer_types)} | {
+                k: getattr(self, k) for k in _LINEAGE_FIELDS
+            }
         return {
             "architectures": ["MiniMaxText01ForCausalLM"],
             "model_type": "minimax_text_01",
@@ -140,7 +161,7 @@ class HybridConfig:
             "num_attention_heads": self.num_heads,
             "num_key_value_heads": self.num_kv_heads,
             "head_dim": self.head_dim,
-            "attn_type_list": [int(t == "softmax") for t in self.layer_types],
+            "attn_type_list": [int(t not in LINEAR_TYPES) for t in self.layer_types],
             "rotary_dim": self.rotary_dim,
             "rope_theta": self.rope_theta,
             "block_size": self.block_size,
@@ -160,10 +181,14 @@ class HybridConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "initializer_range": self.initializer_range,
             "hidden_act": "silu",
+            **extra,
         }
 
     def to_hf_dict(self) -> dict[str, Any]:
         """`transformers`' `minimax` config fields (for building its reference model)."""
+        other = sorted(set(self.layer_types) - {"lightning", "softmax"})
+        if other:
+            raise ValueError(f"transformers' MiniMax has no {other} layers")
         return {
             "model_type": "minimax",
             "vocab_size": self.vocab_size,
@@ -239,7 +264,10 @@ def _from_minimax_or_hf(d: dict[str, Any], source: str) -> dict[str, Any]:
 
     num_heads = need("num_attention_heads")
     head_dim = d.get("head_dim") or need("hidden_size") // num_heads
-    if "attn_type_list" in d:
+    if "lightlong_layer_types" in d:
+        layer_types = list(d["lightlong_layer_types"])
+        scale_keys = "layernorm_{}_attention_{}", "layernorm_mlp_{}"
+    elif "attn_type_list" in d:
         layer_types = [LAYER_TYPES[int(t)] for t in d["attn_type_list"]]
         scale_keys = "layernorm_{}_attention_{}", "layernorm_mlp_{}"
     else:
@@ -275,6 +303,7 @@ def _from_minimax_or_hf(d: dict[str, Any], source: str) -> dict[str, Any]:
         "tie_word_embeddings": d.get("tie_word_embeddings", False),
         "max_position_embeddings": d.get("max_position_embeddings", 1 << 20),
         "initializer_range": d.get("initializer_range", 0.02),
+        **{k: d[k] for k in _LINEAGE_FIELDS if k in d},
     }
     attn_key, mlp_key = scale_keys
     for ours, theirs in (("linear", "linear"), ("full", "full")):
@@ -284,6 +313,9 @@ def _from_minimax_or_hf(d: dict[str, Any], source: str) -> dict[str, Any]:
     for part in ("alpha", "beta"):
         out[f"mlp_{part}"] = float(d.get(mlp_key.format(part), 1.0))
     return out
+
+
+_LINEAGE_FIELDS = ("window_size", "diag_block_size", "cosformer_max_len", "norm_linear_decay")
 
 
 def _every(n: int, num_layers: int) -> list[str]:

@@ -133,9 +133,8 @@ class HybridLM(nn.Module):
             positions = torch.arange(cache.length, cache.length + T, device=x.device)
             if cache.pad is not None:  # [B, T]: each row counts from its first token
                 positions = (positions[None, :] - cache.pad[:, None]).clamp(min=0)
-        seq = SequenceInfo(
-            cu_seqlens, rotary_cos_sin(positions, c.rotary_dim, c.rope_theta, x.dtype), cache
-        )
+        rope = rotary_cos_sin(positions, c.rotary_dim, c.rope_theta, x.dtype)
+        seq = SequenceInfo(cu_seqlens, rope, positions, cache)
         aux = None if cache is not None else x.new_zeros((), dtype=torch.float32)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:

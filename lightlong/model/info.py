@@ -11,15 +11,17 @@ from lightlong.model.hybrid import HybridLM
 
 
 def resolve_config(name_or_dir: str) -> HybridConfig:
-    """A preset name, or a checkpoint directory holding config.json."""
+    """A preset name, a checkpoint directory holding config.json, or a config .json file."""
     path = Path(name_or_dir)
     if path.is_dir():
         return HybridConfig.from_json(path / "config.json")
+    if path.suffix == ".json" and path.is_file():
+        return HybridConfig.from_json(path)
     if name_or_dir in PRESETS:
         return HybridConfig.from_preset(name_or_dir)
     raise ValueError(
-        f"{name_or_dir!r} is neither a checkpoint directory nor a preset; "
-        f"presets: {sorted(PRESETS)}"
+        f"{name_or_dir!r} is neither a checkpoint directory, a config .json file nor a "
+        f"preset; presets: {sorted(PRESETS)}"
     )
 
 
@@ -30,8 +32,8 @@ def load_model(
     device: str | torch.device = "cpu",
     seed: int = 0,
 ) -> HybridLM:
-    """A checkpoint directory's model, or a preset with seeded random weights (for trying
-    things out and benchmarking; it generates noise)."""
+    """A checkpoint directory's model, or a preset or config .json file with seeded random
+    weights (to train, or to try things out and benchmark; it generates noise)."""
     if Path(name_or_dir).is_dir():
         return HybridLM.from_pretrained(name_or_dir, dtype=dtype, device=device)
     config = resolve_config(name_or_dir)

@@ -1,7 +1,9 @@
-"""The two token mixers of the hybrid: lightning attention and softmax attention (GQA).
+"""Token mixers: MiniMax's lightning and softmax (GQA) attention, and the lineage it chose
+them from — cosFormer, NormAttention (`norm_linear`: lightning without its gate),
+DiagAttention (softmax within blocks) and sliding-window softmax.
 
-Parameter names follow MiniMax-Text-01's checkpoint keys.
-# B batch, T tokens, D model dim, H heads, G key/value heads, E head dim
+Parameter names follow MiniMax-Text-01's checkpoint keys (the lineage reuses them).
+# B batch, T tokens, D model dim, H heads, G key/value heads, E head dim, S local span
 """
 
 from __future__ import annotations
@@ -14,7 +16,17 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightlong.nn.norm import RMSNorm
-from lightlong.ops import decay_rates, lightning_attn, lightning_attn_step
+from lightlong.ops import (
+    block_attention,
+    cosformer_attn,
+    cosformer_step,
+    decay_rates,
+    lightning_attn,
+    lightning_attn_step,
+    local_attention_cached,
+    norm_linear_attn,
+    window_attention,
+)
 from lightlong.ops.attention import apply_rotary, cached_attention, causal_attention
 
 
@@ -47,6 +59,14 @@ class LayerCache(Protocol):
         """Stores k, v [B, T, G, D]; returns all keys and values [B, G, length + T, D]."""
         ...
 
+    def local_kv(self, layer_idx: int) -> tuple[Tensor, Tensor, Tensor]:
+        """A local layer's recent keys, values [B, G, S, D] and their positions [B, S]."""
+        ...
+
+    def set_local_kv(self, layer_idx: int, k: Tensor, v: Tensor, pos: Tensor) -> None:
+        """Replaces a local layer's buffers (same shapes)."""
+        ...
+
 
 @dataclass(frozen=True)
 class SequenceInfo:
@@ -56,27 +76,42 @@ class SequenceInfo:
     """int64 [N + 1] offsets of packed sequences (B == 1), or None."""
     rope: tuple[Tensor, Tensor]
     """cos, sin [T, R] or [B, T, R] at each token's position within its sequence."""
+    positions: Tensor
+    """int64 [T] or [B, T]: each token's position within its sequence."""
     cache: LayerCache | None = None
     """Inference cache the mixers read and extend, or None (a full-sequence pass)."""
 
 
+def _row_positions(seq: SequenceInfo, B: int) -> Tensor:
+    """int64 [B, T] positions of the new tokens of each row."""
+    pos = seq.positions
+    return pos.expand(B, -1) if pos.dim() == 1 else pos
+
+
 class LightningAttention(nn.Module):
     """MiniMax's lightning layer: SiLU(qkv) -> lightning attention (no scale, per-head decay)
-    -> RMSNorm over all heads -> sigmoid gate from the layer input -> output projection."""
+    -> RMSNorm over all heads -> sigmoid gate from the layer input -> output projection.
+
+    With `gated=False` it is TransNormer's NormAttention (`norm_linear`): the same without
+    the gate, and with `decayed=False` without decay too (plain linear attention, normed).
+    """
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, layer_idx: int,
-                 num_layers: int, block_size: int):  # fmt: skip
+                 num_layers: int, block_size: int, *, gated: bool = True,
+                 decayed: bool = True):  # fmt: skip
         super().__init__()
         self.num_heads, self.head_dim, self.block_size = num_heads, head_dim, block_size
-        self.layer_idx = layer_idx
+        self.layer_idx, self.gated = layer_idx, gated
         inner = num_heads * head_dim
         self.qkv_proj = nn.Linear(hidden_size, 3 * inner, bias=False)
-        self.output_gate = nn.Linear(hidden_size, inner, bias=False)
+        if gated:
+            self.output_gate = nn.Linear(hidden_size, inner, bias=False)
         self.out_proj = nn.Linear(inner, hidden_size, bias=False)
         self.norm = RMSNorm(inner, eps=1e-6)
         # fp32 rates kept outside the module's buffers: neither .to(bf16) nor a meta-device
         # build may touch them; copied to each device once.
-        self._decay = {torch.device("cpu"): decay_rates(num_heads, layer_idx, num_layers)}
+        rates = decay_rates(num_heads, layer_idx, num_layers)
+        self._decay = {torch.device("cpu"): rates if decayed else torch.zeros_like(rates)}
 
     def decay(self, device: torch.device) -> Tensor:
         """The layer's decay rates [H] (fp32) on `device`."""
@@ -90,6 +125,12 @@ class LightningAttention(nn.Module):
         qkv_BTH3E = F.silu(self.qkv_proj(x)).view(B, T, self.num_heads, 3 * self.head_dim)
         q, k, v = qkv_BTH3E.split(self.head_dim, dim=-1)
         decay = self.decay(x.device)
+        if seq.cache is None and not self.gated:
+            o_BTHE, _ = norm_linear_attn(
+                q, k, v, decay, norm_weight=self.norm.weight, eps=self.norm.eps,
+                cu_seqlens=seq.cu_seqlens, block_size=self.block_size,
+            )  # fmt: skip
+            return self.out_proj(o_BTHE.reshape(B, T, -1))
         if seq.cache is None:
             o_BTHE, _ = lightning_attn(
                 q, k, v, decay, scale=1.0, cu_seqlens=seq.cu_seqlens, block_size=self.block_size
@@ -106,7 +147,50 @@ class LightningAttention(nn.Module):
             )  # fmt: skip
             state.copy_(final)
         o_BTX = self.norm(o_BTHE.reshape(B, T, -1))
-        return self.out_proj(torch.sigmoid(self.output_gate(x)) * o_BTX)
+        if self.gated:
+            o_BTX = torch.sigmoid(self.output_gate(x)) * o_BTX
+        return self.out_proj(o_BTX)
+
+
+class CosformerAttention(nn.Module):
+    """cosFormer: ReLU features with the cos((i − j)·π / 2M) re-weighting, normalised by its
+    own sum (no softmax), then an output projection. The cache holds one [2K, V + 1] state
+    per head (`lightlong.ops.cosformer_attn`)."""
+
+    def __init__(self, hidden_size: int, num_heads: int, head_dim: int, layer_idx: int,
+                 max_len: int, block_size: int):  # fmt: skip
+        super().__init__()
+        self.num_heads, self.head_dim, self.block_size = num_heads, head_dim, block_size
+        self.layer_idx, self.max_len = layer_idx, max_len
+        inner = num_heads * head_dim
+        self.qkv_proj = nn.Linear(hidden_size, 3 * inner, bias=False)
+        self.out_proj = nn.Linear(inner, hidden_size, bias=False)
+
+    def forward(self, x: Tensor, seq: SequenceInfo) -> Tensor:
+        """x [B, T, D] -> [B, T, D]."""
+        B, T, _ = x.shape
+        q, k, v = (
+            self.qkv_proj(x)
+            .view(B, T, self.num_heads, 3 * self.head_dim)
+            .split(self.head_dim, dim=-1)
+        )
+        if seq.cache is None:
+            o_BTHE, _ = cosformer_attn(
+                q, k, v, max_len=self.max_len, cu_seqlens=seq.cu_seqlens,
+                block_size=self.block_size,
+            )  # fmt: skip
+        else:
+            state = seq.cache.linear_state(self.layer_idx)
+            start_B = _row_positions(seq, B)[:, 0]
+            if T == 1:
+                o_BTHE = cosformer_step(q, k, v, state, max_len=self.max_len, position=start_B)
+            else:
+                o_BTHE, final = cosformer_attn(
+                    q, k, v, max_len=self.max_len, start=start_B, initial_state=state,
+                    output_final_state=True, block_size=self.block_size,
+                )  # fmt: skip
+                state.copy_(final)
+        return self.out_proj(o_BTHE.reshape(B, T, -1))
 
 
 class SoftmaxAttention(nn.Module):
@@ -136,4 +220,44 @@ class SoftmaxAttention(nn.Module):
             start = seq.cache.length
             k_BGLE, v_BGLE = seq.cache.append_kv(self.layer_idx, k_BTGE, v_BTGE)
             o_BTHE = cached_attention(q_BTHE, k_BGLE, v_BGLE, start=start, pad=seq.cache.pad)
+        return self.o_proj(o_BTHE.reshape(B, T, -1))
+
+
+class LocalAttention(SoftmaxAttention):
+    """Softmax attention over a bounded span, with GQA and partial RoPE like `SoftmaxAttention`:
+    a sliding window of `window` tokens (`window_softmax`), or TransNormer's DiagAttention,
+    causal within non-overlapping blocks of `block` tokens (`diag_softmax`). The cache keeps
+    the last S = window (or block) keys and values per row: bounded, whatever the context."""
+
+    def __init__(self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int,
+                 layer_idx: int, *, window: int | None = None,
+                 block: int | None = None):  # fmt: skip
+        super().__init__(hidden_size, num_heads, num_kv_heads, head_dim, layer_idx)
+        if (window is None) == (block is None):
+            raise ValueError("LocalAttention takes exactly one of window and block")
+        self.window, self.block = window, block
+
+    def forward(self, x: Tensor, seq: SequenceInfo) -> Tensor:
+        """x [B, T, D] -> [B, T, D]."""
+        B, T, _ = x.shape
+        q_BTHE = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
+        k_BTGE = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        v_BTGE = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q_BTHE, k_BTGE = apply_rotary(q_BTHE, *seq.rope), apply_rotary(k_BTGE, *seq.rope)
+        if seq.cache is None:
+            if self.window is not None:
+                o_BTHE = window_attention(
+                    q_BTHE, k_BTGE, v_BTGE, window=self.window, cu_seqlens=seq.cu_seqlens
+                )
+            else:
+                o_BTHE = block_attention(
+                    q_BTHE, k_BTGE, v_BTGE, block=self.block, cu_seqlens=seq.cu_seqlens
+                )
+        else:
+            k_BGSE, v_BGSE, pos_BS = seq.cache.local_kv(self.layer_idx)
+            o_BTHE, k_BGSE, v_BGSE, pos_BS = local_attention_cached(
+                q_BTHE, k_BTGE, v_BTGE, k_BGSE, v_BGSE, pos_BS, _row_positions(seq, B),
+                window=self.window, block=self.block,
+            )  # fmt: skip
+            seq.cache.set_local_kv(self.layer_idx, k_BGSE, v_BGSE, pos_BS)
         return self.o_proj(o_BTHE.reshape(B, T, -1))

@@ -6,7 +6,13 @@ from typing import TYPE_CHECKING
 
 from torch import Tensor, nn
 
-from lightlong.nn.attention import LightningAttention, SequenceInfo, SoftmaxAttention
+from lightlong.nn.attention import (
+    CosformerAttention,
+    LightningAttention,
+    LocalAttention,
+    SequenceInfo,
+    SoftmaxAttention,
+)
 from lightlong.nn.moe import MoE
 from lightlong.nn.norm import RMSNorm
 
@@ -16,10 +22,22 @@ if TYPE_CHECKING:  # the config is data; nn does not import the model package at
 
 def make_mixer(config: HybridConfig, layer_idx: int) -> nn.Module:
     """The token mixer that `config.layer_types[layer_idx]` names."""
-    c = config
-    if c.layer_types[layer_idx] == "lightning":
+    c, kind = config, config.layer_types[layer_idx]
+    if kind in ("lightning", "norm_linear"):
         return LightningAttention(
-            c.hidden_size, c.num_heads, c.head_dim, layer_idx, c.num_layers, c.block_size
+            c.hidden_size, c.num_heads, c.head_dim, layer_idx, c.num_layers, c.block_size,
+            gated=kind == "lightning", decayed=kind == "lightning" or c.norm_linear_decay,
+        )  # fmt: skip
+    if kind == "cosformer":
+        return CosformerAttention(
+            c.hidden_size, c.num_heads, c.head_dim, layer_idx, c.cosformer_max_len, c.block_size
+        )
+    if kind in ("window_softmax", "diag_softmax"):
+        span = {"window": c.window_size} if kind == "window_softmax" else {
+            "block": c.diag_block_size
+        }  # fmt: skip
+        return LocalAttention(
+            c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, layer_idx, **span
         )
     return SoftmaxAttention(c.hidden_size, c.num_heads, c.num_kv_heads, c.head_dim, layer_idx)
 
@@ -40,7 +58,7 @@ class DecoderLayer(nn.Module):
         self.block_sparse_moe = MoE(
             c.hidden_size, c.intermediate_size, c.num_experts, c.experts_per_token
         )
-        lightning = c.layer_types[layer_idx] == "lightning"
+        lightning = c.layer_types[layer_idx] in ("lightning", "cosformer", "norm_linear")
         self.attn_alpha = c.linear_attn_alpha if lightning else c.full_attn_alpha
         self.attn_beta = c.linear_attn_beta if lightning else c.full_attn_beta
         self.mlp_alpha, self.mlp_beta = c.mlp_alpha, c.mlp_beta

@@ -23,9 +23,11 @@ class TrainConfig:
     """A training run."""
 
     model: str = "tiny"
-    """Preset name (fresh weights from `seed`) or a checkpoint directory to start from."""
+    """Preset name or config .json file (fresh weights from `seed`), or a checkpoint
+    directory to start from."""
     task: str = "recall"
-    """Synthetic task (recall, passkey, copy, selective_copy) or 'text' (data_files)."""
+    """Synthetic task (recall, passkey, copy, selective_copy, retrieval) or 'text'
+    (data_files)."""
     data_files: list[str] = field(default_factory=list)
     """.txt / .jsonl files for task 'text'."""
     text_field: str = "text"

@@ -12,6 +12,7 @@ into keys, values and filler (see `_ranges`).
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import json
 from collections.abc import Iterator, Sequence
@@ -23,7 +24,7 @@ import torch
 from torch import Tensor
 
 IGNORE = -100
-TASKS = ("recall", "passkey", "copy", "selective_copy")
+TASKS = ("recall", "passkey", "copy", "selective_copy", "retrieval")
 
 
 @dataclass(frozen=True)
@@ -63,6 +64,8 @@ class SyntheticTask:
       after filler in between.
     - "selective_copy": `num_pairs` value tokens scattered among filler, a separator, then
       the value tokens in order (loss on them).
+    - "retrieval": each sample is "recall" or "passkey", by a seeded coin (the two retrieval
+      probes, MQAR and a needle in a haystack, learned together).
     """
 
     name: str
@@ -85,8 +88,10 @@ class SyntheticTask:
     def min_length(self) -> int:
         """Shortest sequence that holds the task."""
         n = self.num_pairs
-        return {"recall": 2 * n + 2 * self.num_queries + 1, "passkey": 2 * n + 4,
-                "copy": 2 * n + 2, "selective_copy": 2 * n + 2}[self.name]  # fmt: skip
+        recall, passkey = 2 * n + 2 * self.num_queries + 1, 2 * n + 4
+        return {"recall": recall, "passkey": passkey, "copy": 2 * n + 2,
+                "selective_copy": 2 * n + 2,
+                "retrieval": max(recall, passkey)}[self.name]  # fmt: skip
 
     def sample(self, rng: np.random.Generator, length: int) -> tuple[np.ndarray, np.ndarray]:
         """input_ids, labels int64 [length] (labels -100 outside the answers)."""
@@ -95,6 +100,9 @@ class SyntheticTask:
                 f"seq_len {length} is too short for {self.name} with num_pairs="
                 f"{self.num_pairs}: needs >= {self.min_length()}"
             )
+        if self.name == "retrieval":
+            kind = "recall" if rng.random() < 0.5 else "passkey"
+            return dataclasses.replace(self, name=kind).sample(rng, length)
         keys, values, filler = _ranges(self.vocab_size)
         ids = rng.integers(filler.start, filler.stop, size=length)
         ids[0] = 0

@@ -33,7 +33,7 @@ class DemoConfig:
     presets: list[str] = field(default_factory=lambda: ["tiny", "tiny-linear", "tiny-softmax"])
     """Models to train (equal size: the same preset with other layer types)."""
     task: str = "copy"
-    """Synthetic task: copy, recall, passkey or selective_copy."""
+    """Synthetic task: copy, recall, passkey, selective_copy or retrieval."""
     seq_len: int = 64
     """Training length."""
     num_pairs: int = 16
@@ -119,6 +119,7 @@ def _describe_task(cfg: DemoConfig) -> str:
         "recall": f"associative recall, {cfg.num_pairs} pairs, {cfg.num_queries} queries",
         "passkey": f"passkey of {cfg.num_pairs} tokens",
         "selective_copy": f"selective copy of {cfg.num_pairs} tokens",
+        "retrieval": f"recall ({cfg.num_pairs} pairs) or passkey ({cfg.num_pairs} tokens)",
     }[cfg.task]
     return f"{what}, trained at {cfg.seq_len} tokens"
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch import nn
+from torch import Tensor, nn
 
 from lightlong.bench.machine import matmul_gflops
 from lightlong.model import HybridLM
@@ -244,27 +244,10 @@ class Trainer:
         return out
 
     def _eval_at(self, length: int | None) -> dict:
-        data, c = self.eval_data, self.cfg
-        loss_sum = correct = count = 0.0
-        for b in range(c.eval_batches):
-            if isinstance(data, SyntheticData):
-                batch = synthetic_batch(data, b * data.batch_size, data.batch_size, length)
-            else:
-                data.position = b * data.batch_size  # batch_size: all ranks' windows
-                batch = next(data)
-            ids, labels = batch.input_ids.to(self.device), batch.labels.to(self.device)
-            with self._autocast():
-                logits = self.model(ids, cu_seqlens=batch.cu_seqlens.to(self.device)).logits
-            target = labels[:, 1:]
-            mask = target != -100
-            mask[:, (batch.cu_seqlens[1:-1] - 1).to(self.device)] = False
-            pred = logits[:, :-1].argmax(-1)
-            lp = torch.log_softmax(logits[:, :-1].float(), -1)
-            nll = -lp.gather(-1, target.clamp(min=0)[..., None])[..., 0]
-            loss_sum += float(nll[mask].sum())
-            correct += float((pred == target)[mask].sum())
-            count += float(mask.sum())
-        totals = torch.tensor([loss_sum, correct, count], dtype=torch.float64)
+        with self._autocast():
+            totals = answer_totals(
+                self.model, self.eval_data, self.cfg.eval_batches, length, self.device
+            )
         if self.world > 1:
             totals = totals.to(self.device)
             dist.all_reduce(totals)
@@ -336,6 +319,38 @@ class Trainer:
             if "eval_accuracy" in metrics:
                 shown["eval_acc"] = f"{metrics['eval_accuracy']:.2f}"
             bar.set_postfix(shown)
+
+
+@torch.no_grad()
+def answer_totals(
+    model: HybridLM,
+    data: SyntheticData | TextData,
+    batches: int,
+    length: int | None,
+    device: torch.device,
+) -> Tensor:
+    """Summed loss, correct argmax predictions and count over the labelled tokens of the
+    first `batches` batches of held-out `data` (synthetic: at `length` if given): float64 [3].
+    This rank's share only; a distributed caller sums them."""
+    loss_sum = correct = count = 0.0
+    for b in range(batches):
+        if isinstance(data, SyntheticData):
+            batch = synthetic_batch(data, b * data.batch_size, data.batch_size, length)
+        else:
+            data.position = b * data.batch_size  # batch_size: all ranks' windows
+            batch = next(data)
+        ids, labels = batch.input_ids.to(device), batch.labels.to(device)
+        logits = model(ids, cu_seqlens=batch.cu_seqlens.to(device)).logits
+        target = labels[:, 1:]
+        mask = target != -100
+        mask[:, (batch.cu_seqlens[1:-1] - 1).to(device)] = False
+        pred = logits[:, :-1].argmax(-1)
+        lp = torch.log_softmax(logits[:, :-1].float(), -1)
+        nll = -lp.gather(-1, target.clamp(min=0)[..., None])[..., 0]
+        loss_sum += float(nll[mask].sum())
+        correct += float((pred == target)[mask].sum())
+        count += float(mask.sum())
+    return torch.tensor([loss_sum, correct, count], dtype=torch.float64)
 
 
 def synthetic_batch(data: SyntheticData, first: int, count: int, length: int | None) -> Batch:

@@ -116,6 +116,13 @@ def check_inputs(
     return LightningInputs(scale=float(scale), offsets=offsets, state_dtype=state_dtype)
 
 
+def zero_rates(q: Tensor) -> Tensor:
+    """Decay rates 0 [H] for q [B, T, H, K] (plain linear attention); empty for a malformed q,
+    which `check_inputs` then rejects with its own message."""
+    ok = isinstance(q, Tensor) and q.dim() == 4
+    return torch.zeros(q.shape[2] if ok else 0, device=q.device if ok else None)
+
+
 @functools.cache
 def triton_installed() -> bool:
     """Whether triton can be imported (checked without importing it)."""
