@@ -160,7 +160,7 @@ def test_recall_labels_are_the_values_of_the_queried_keys():
     assert (labels[: start + 1] == IGNORE).all() and (labels[start::2] == IGNORE).all()
 
 
-@pytest.mark.parametrize("name", [t for t in TASKS if t != "recall"])
+@pytest.mark.parametrize("name", [t for t in TASKS if t not in ("recall", "retrieval")])
 def test_other_tasks_answer_with_tokens_given_earlier(name):
     n, T = 5, 40
     ids, labels = SyntheticTask(name, 512, n).sample(np.random.default_rng(1), T)
@@ -170,6 +170,18 @@ def test_other_tasks_answer_with_tokens_given_earlier(name):
     values = _ranges(512)[1]
     early = [t for t in ids[: T - n - 1].tolist() if t in values]  # value tokens before the end
     assert early == labels[T - n :].tolist()
+
+
+def test_retrieval_samples_are_recall_or_passkey_by_a_seeded_coin():
+    kinds = []
+    for seed in range(20):
+        ids, labels = SyntheticTask("retrieval", 512, 4, 6).sample(np.random.default_rng(seed), 60)
+        rng = np.random.default_rng(seed)
+        kind = "recall" if rng.random() < 0.5 else "passkey"
+        ref_ids, ref_labels = SyntheticTask(kind, 512, 4, 6).sample(rng, 60)
+        assert (ids == ref_ids).all() and (labels == ref_labels).all()
+        kinds.append(kind)
+    assert set(kinds) == {"recall", "passkey"}
 
 
 def test_synthetic_position_round_trips_and_ranks_split_the_batch():
