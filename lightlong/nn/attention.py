@@ -214,13 +214,16 @@ class SoftmaxAttention(nn.Module):
         k_BTGE = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         v_BTGE = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
         q_BTHE, k_BTGE = apply_rotary(q_BTHE, *seq.rope), apply_rotary(k_BTGE, *seq.rope)
+        return self.o_proj(self.attend(q_BTHE, k_BTGE, v_BTGE, seq).reshape(B, T, -1))
+
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, seq: SequenceInfo) -> Tensor:
+        """Causal attention of rotated q [B, T, H, E] over k, v [B, T, G, E] (and the
+        cache's KV) -> [B, T, H, E]."""
         if seq.cache is None:
-            o_BTHE = causal_attention(q_BTHE, k_BTGE, v_BTGE, cu_seqlens=seq.cu_seqlens)
-        else:
-            start = seq.cache.length
-            k_BGLE, v_BGLE = seq.cache.append_kv(self.layer_idx, k_BTGE, v_BTGE)
-            o_BTHE = cached_attention(q_BTHE, k_BGLE, v_BGLE, start=start, pad=seq.cache.pad)
-        return self.o_proj(o_BTHE.reshape(B, T, -1))
+            return causal_attention(q, k, v, cu_seqlens=seq.cu_seqlens)
+        start = seq.cache.length
+        k_BGLE, v_BGLE = seq.cache.append_kv(self.layer_idx, k, v)
+        return cached_attention(q, k_BGLE, v_BGLE, start=start, pad=seq.cache.pad)
 
 
 class LocalAttention(SoftmaxAttention):
@@ -237,27 +240,17 @@ class LocalAttention(SoftmaxAttention):
             raise ValueError("LocalAttention takes exactly one of window and block")
         self.window, self.block = window, block
 
-    def forward(self, x: Tensor, seq: SequenceInfo) -> Tensor:
-        """x [B, T, D] -> [B, T, D]."""
-        B, T, _ = x.shape
-        q_BTHE = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k_BTGE = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v_BTGE = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        q_BTHE, k_BTGE = apply_rotary(q_BTHE, *seq.rope), apply_rotary(k_BTGE, *seq.rope)
+    def attend(self, q: Tensor, k: Tensor, v: Tensor, seq: SequenceInfo) -> Tensor:
+        """Window or block attention of rotated q [B, T, H, E] over k, v [B, T, G, E] (and
+        the cache's recent KV) -> [B, T, H, E]."""
         if seq.cache is None:
             if self.window is not None:
-                o_BTHE = window_attention(
-                    q_BTHE, k_BTGE, v_BTGE, window=self.window, cu_seqlens=seq.cu_seqlens
-                )
-            else:
-                o_BTHE = block_attention(
-                    q_BTHE, k_BTGE, v_BTGE, block=self.block, cu_seqlens=seq.cu_seqlens
-                )
-        else:
-            k_BGSE, v_BGSE, pos_BS = seq.cache.local_kv(self.layer_idx)
-            o_BTHE, k_BGSE, v_BGSE, pos_BS = local_attention_cached(
-                q_BTHE, k_BTGE, v_BTGE, k_BGSE, v_BGSE, pos_BS, _row_positions(seq, B),
-                window=self.window, block=self.block,
-            )  # fmt: skip
-            seq.cache.set_local_kv(self.layer_idx, k_BGSE, v_BGSE, pos_BS)
-        return self.o_proj(o_BTHE.reshape(B, T, -1))
+                return window_attention(q, k, v, window=self.window, cu_seqlens=seq.cu_seqlens)
+            return block_attention(q, k, v, block=self.block, cu_seqlens=seq.cu_seqlens)
+        k_BGSE, v_BGSE, pos_BS = seq.cache.local_kv(self.layer_idx)
+        o_BTHE, k_BGSE, v_BGSE, pos_BS = local_attention_cached(
+            q, k, v, k_BGSE, v_BGSE, pos_BS, _row_positions(seq, q.shape[0]),
+            window=self.window, block=self.block,
+        )  # fmt: skip
+        seq.cache.set_local_kv(self.layer_idx, k_BGSE, v_BGSE, pos_BS)
+        return o_BTHE

@@ -76,22 +76,11 @@ def norm_linear_attn(
     Returns:
         o [B, T, H, V] in q's dtype (normalised in float32); final_state [N, H, K, V] or None.
     """
-    decay = zero_rates(q) if decay is None else decay
-    check_inputs(q, k, v, decay, 1.0, initial_state, cu_seqlens)
-    _check_norm(q, v, norm_weight, eps)
-    o_raw, final = lightning_attn(
-        q,
-        k,
-        v,
-        decay,
-        scale=1.0,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens,
-        block_size=block_size,
+    return _normed(
+        lightning_attn, q, k, v, decay, norm_weight, eps, initial_state=initial_state,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens, block_size=block_size,
         backend=backend,
-    )
-    return _norm_heads(o_raw, norm_weight, eps), final
+    )  # fmt: skip
 
 
 def norm_linear_attn_naive(
@@ -110,17 +99,17 @@ def norm_linear_attn_naive(
 
     Arguments and returns as for `norm_linear_attn`.
     """
+    return _normed(
+        lightning_attn_naive, q, k, v, decay, norm_weight, eps, initial_state=initial_state,
+        output_final_state=output_final_state, cu_seqlens=cu_seqlens,
+    )  # fmt: skip
+
+
+def _normed(attn, q, k, v, decay, norm_weight, eps, **kw) -> tuple[Tensor, Tensor | None]:
+    """Checks the arguments, runs `attn` (the tiled op or its reference) with scale 1 and
+    zero decay for None, then normalises its output over each token's heads."""
     decay = zero_rates(q) if decay is None else decay
-    check_inputs(q, k, v, decay, 1.0, initial_state, cu_seqlens)
+    check_inputs(q, k, v, decay, 1.0, kw.get("initial_state"), kw.get("cu_seqlens"))
     _check_norm(q, v, norm_weight, eps)
-    o_raw, final = lightning_attn_naive(
-        q,
-        k,
-        v,
-        decay,
-        scale=1.0,
-        initial_state=initial_state,
-        output_final_state=output_final_state,
-        cu_seqlens=cu_seqlens,
-    )
+    o_raw, final = attn(q, k, v, decay, scale=1.0, **kw)
     return _norm_heads(o_raw, norm_weight, eps), final
