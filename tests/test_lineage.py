@@ -189,3 +189,21 @@ def test_ablation_end_to_end_on_tiny_within_five_minutes(tmp_path):
     report = run_ablation(AblateConfig(steps=150, out_dir=str(tmp_path)))
     assert time.perf_counter() - t0 < 300
     _check_report(report, tmp_path)
+
+
+def test_memory_plan_matches_the_cache():
+    """`lightlong info`'s memory plan equals what a cache holds after 300 tokens."""
+    from lightlong.model.info import describe, memory_plan
+
+    cfg = hybrid("cosformer", layer_types=["cosformer", "window_softmax", "norm_linear",
+                                           "diag_softmax"])  # fmt: skip
+    model = HybridLM(cfg).eval()
+    cache = HybridCache.for_model(model)
+    with torch.no_grad():
+        model(torch.randint(0, 512, (1, 300)), cache=cache)
+    held, plan = cache.memory_bytes(), memory_plan(cfg, 300, 1, torch.float32)
+    assert plan["lightning_state_bytes"] == held["lightning"]
+    assert plan["local_kv_bytes"] == held["local_kv"]
+    assert plan["softmax_kv_bytes"] == held["softmax_kv"] == 0
+    text = describe(cfg, 300, 1, torch.float32)
+    assert "4: CWND  (C cosformer, W window_softmax, N norm_linear, D diag_softmax)" in text

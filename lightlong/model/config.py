@@ -20,6 +20,9 @@ LINEAR_TYPES = ("lightning", "cosformer", "norm_linear")
 """Mixers whose whole past is a fixed-size state (they take the linear residual scales)."""
 LOCAL_TYPES = ("diag_softmax", "window_softmax")
 """Softmax mixers over a bounded span of recent tokens (a bounded KV cache)."""
+LAYER_LETTERS = {"lightning": "L", "softmax": "S", "cosformer": "C", "norm_linear": "N",
+                 "diag_softmax": "D", "window_softmax": "W"}  # fmt: skip
+"""One letter per layer type, for layer patterns like LLLS."""
 CONFIG_FORMATS = ("minimax", "transformers")
 _HF_LAYER_TYPES = {"linear_attention": "lightning", "full_attention": "softmax"}
 
@@ -137,6 +140,11 @@ class HybridConfig:
         if name not in PRESETS:
             raise ValueError(f"unknown preset {name!r}; valid presets: {sorted(PRESETS)}")
         return dataclasses.replace(PRESETS[name], layer_types=list(PRESETS[name].layer_types))
+
+    @property
+    def pattern(self) -> str:
+        """The layer types as letters (`LAYER_LETTERS`), e.g. "LLLLLLLS"."""
+        return "".join(LAYER_LETTERS[t] for t in self.layer_types)
 
     # ------------------------------------------------------------------ JSON
 

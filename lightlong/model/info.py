@@ -6,7 +6,7 @@ from pathlib import Path
 
 import torch
 
-from lightlong.model.config import PRESETS, HybridConfig
+from lightlong.model.config import LAYER_LETTERS, PRESETS, HybridConfig
 from lightlong.model.hybrid import HybridLM
 
 
@@ -58,23 +58,29 @@ def train_flops_per_token(config: HybridConfig, seq_len: int) -> float:
 
 
 def memory_plan(config: HybridConfig, context: int, batch: int, dtype: torch.dtype) -> dict:
-    """Bytes for weights, lightning states (fp32, constant in context) and softmax KV.
+    """Bytes for weights, linear states (fp32, constant in context), local KV (bounded) and
+    softmax KV (grows with the context).
 
-    Weights count every parameter in `dtype`; a lightning layer keeps one H×K×K fp32 state
-    per sequence; a softmax layer keeps K and V for every token (GQA heads).
+    Weights count every parameter in `dtype`; a lightning or norm_linear layer keeps one
+    H×K×K fp32 state per sequence (cosformer: H×2K×(K+1)); a window/diag layer keeps K and V
+    of its last `window_size`/`diag_block_size` tokens (and their int64 positions); a
+    softmax layer keeps K and V for every token (GQA heads).
     """
+    c = config
     with torch.device("meta"):
-        counts = HybridLM(config).param_count()
+        counts = HybridLM(c).param_count()
     width = torch.finfo(dtype).bits // 8
-    n_lightning = config.layer_types.count("lightning")
-    n_softmax = config.layer_types.count("softmax")
-    state = config.num_heads * config.head_dim * config.head_dim * 4
-    kv = 2 * config.num_kv_heads * config.head_dim * width
+    H, D = c.num_heads, c.head_dim
+    state = {"lightning": H * D * D * 4, "norm_linear": H * D * D * 4,
+             "cosformer": H * 2 * D * (D + 1) * 4}  # fmt: skip
+    kv = 2 * c.num_kv_heads * D * width  # one token's K and V in one layer
+    span = {"window_softmax": c.window_size, "diag_softmax": c.diag_block_size}
     return {
         "params": counts,
         "weights_bytes": counts["total"] * width,
-        "lightning_state_bytes": n_lightning * state * batch,
-        "softmax_kv_bytes": n_softmax * kv * context * batch,
+        "lightning_state_bytes": sum(state.get(t, 0) for t in c.layer_types) * batch,
+        "local_kv_bytes": sum(span[t] * (kv + 8) for t in c.layer_types if t in span) * batch,
+        "softmax_kv_bytes": c.layer_types.count("softmax") * kv * context * batch,
     }
 
 
@@ -82,11 +88,12 @@ def describe(config: HybridConfig, context: int, batch: int, dtype: torch.dtype)
     """Human-readable summary."""
     plan = memory_plan(config, context, batch, dtype)
     p = plan["params"]
-    pattern = "".join("L" if t == "lightning" else "S" for t in config.layer_types)
+    legend = ", ".join(f"{LAYER_LETTERS[t]} {t}" for t in dict.fromkeys(config.layer_types))
     gib = 2**30
     total = plan["weights_bytes"] + plan["lightning_state_bytes"] + plan["softmax_kv_bytes"]
+    total += plan["local_kv_bytes"]
     lines = [
-        f"layers           {config.num_layers}: {pattern}  (L lightning, S softmax)",
+        f"layers           {config.num_layers}: {config.pattern}  ({legend})",
         f"width            hidden {config.hidden_size}, heads {config.num_heads} x "
         f"{config.head_dim} (kv heads {config.num_kv_heads}), rotary {config.rotary_dim} "
         f"dims, theta {config.rope_theta:g}",
@@ -99,6 +106,14 @@ def describe(config: HybridConfig, context: int, batch: int, dtype: torch.dtype)
         f"  weights        {plan['weights_bytes'] / gib:10.2f} GiB",
         f"  lightning      {plan['lightning_state_bytes'] / gib:10.4f} GiB  (fp32 states, "
         f"same at any T)",
+        *(
+            [
+                f"  local KV       {plan['local_kv_bytes'] / gib:10.4f} GiB  (window/diag, same "
+                "at any T)"
+            ]
+            if plan["local_kv_bytes"]
+            else []
+        ),
         f"  softmax KV     {plan['softmax_kv_bytes'] / gib:10.2f} GiB  (grows with T)",
         f"  total          {total / gib:10.2f} GiB",
     ]

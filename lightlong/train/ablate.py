@@ -37,8 +37,6 @@ VARIANTS = {
     "window": "window_softmax", "diag": "diag_softmax", "softmax": "softmax",
 }  # fmt: skip
 """Variant name -> the mixer that replaces the preset's lightning layers."""
-_LETTER = {"lightning": "L", "softmax": "S", "cosformer": "C", "norm_linear": "N",
-           "window_softmax": "W", "diag_softmax": "D"}  # fmt: skip
 
 
 @dataclass
@@ -138,8 +136,7 @@ def run_ablation(cfg: AblateConfig) -> dict:
             log_every=max(1, cfg.steps // 20), save_every=0, keep_last=1, seed=cfg.seed,
             progress=False, out_dir=str(run),
         ).validate()  # fmt: skip
-        print(f"{variant}: training {''.join(_LETTER[t] for t in config.layer_types)}",
-              flush=True)  # fmt: skip
+        print(f"{variant}: training {config.pattern}", flush=True)
         t0 = time.perf_counter()
         trainer = Trainer(tc)
         final = trainer.fit()
@@ -149,7 +146,7 @@ def run_ablation(cfg: AblateConfig) -> dict:
         rates = [m["tok_s"] for m in metrics[1:]] or [metrics[0]["tok_s"]]
         trainer.model.eval()
         results[variant] = {
-            "layers": "".join(_LETTER[t] for t in config.layer_types),
+            "layers": config.pattern,
             "params": trainer.model.param_count()["total"],
             "train_seconds": seconds,
             "train_tok_s": sum(rates) / len(rates),

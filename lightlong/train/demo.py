@@ -89,9 +89,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         metrics = [json.loads(x) for x in (out / preset / "metrics.jsonl").read_text().splitlines()]
         accuracy = {cfg.seq_len * f: final[_key(cfg, f)] for f in sorted(cfg.length_factors)}
         results[preset] = {
-            "layers": "".join(
-                "L" if t == "lightning" else "S" for t in trainer.model.config.layer_types
-            ),
+            "layers": trainer.model.config.pattern,
             "params": trainer.model.param_count()["total"],
             "train_seconds": time.perf_counter() - t0,
             "final_loss": final["loss"],
