@@ -993,6 +993,17 @@ def test_alibi_slopes_match_alibi_construction(H):
     )
 
 
+def test_decay_rates_slope_heads_takes_a_wider_models_first_heads():
+    assert torch.equal(decay_rates(4, 1, 6, slope_heads=4), decay_rates(4, 1, 6))
+    assert torch.equal(decay_rates(4, 1, 6, slope_heads=64), decay_rates(64, 1, 6)[:4])
+    # 4 heads of MiniMax's rule forget slowly in layer 0; the first 4 of 64 forget fast
+    assert torch.exp(-decay_rates(4, 0, 4)).min() > 0.77
+    assert torch.exp(-decay_rates(4, 0, 4, slope_heads=64)).max() < 0.5
+    for bad in (2, 0, 4.0, True):
+        with pytest.raises(ValueError, match="slope_heads"):
+            decay_rates(4, 0, 2, slope_heads=bad)
+
+
 def test_alibi_slopes_six_heads_by_hand():
     # P = 4: 2^-2, 2^-4, 2^-6, 2^-8; then 2P = 8: every other of 2^-1 ... 2^-8, first two
     assert alibi_slopes(6) == [2**-2, 2**-4, 2**-6, 2**-8, 2**-1, 2**-3]

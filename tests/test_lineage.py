@@ -149,29 +149,73 @@ def _check_report(report: dict, out) -> None:
     assert saved["results"].keys() == report["results"].keys()
     table = (out / "ablation.md").read_text()
     assert table.strip() == format_ablation(saved).strip()
-    lengths = saved["lengths"]
+    lengths, seeds = saved["lengths"], saved["ablate"]["seeds"]
     for name, r in saved["results"].items():
         row = next(line for line in table.splitlines() if line.startswith(f"| {name} |"))
         cells = [c.strip() for c in row.strip("|").split("|")]
-        assert cells[3] == f"{r['train_tok_s']:,.0f}" and cells[4] == f"{r['eval_loss']:.3f}"
-        scores = [r["retrieval"][p][str(n)] for p in ("MQAR", "NIAH") for n in lengths]
-        assert cells[5:] == [f"{x:.2f}" for x in scores]
-        assert all(0.0 <= x <= 1.0 for x in scores)
+        assert cells[3] == f"{r['lr']:g}" and str(r["lr"]) in r["lr_sweep"]
+        assert cells[4] == f"{r['train_tok_s']:,.0f}" and cells[5] == f"{r['eval_loss']:.3f}"
+        assert r["seeds"] == seeds and [run["seed"] for run in r["runs"]] == seeds
+        probes = list(r["retrieval"])
+        for p, n in [(p, n) for p in probes for n in lengths]:
+            cell = r["retrieval"][p][str(n)]
+            values = [run["retrieval"][p][str(n)] for run in r["runs"]]
+            assert cell["values"] == values and all(0.0 <= x <= 1.0 for x in values)
+            assert cell["mean"] == pytest.approx(sum(values) / len(values))
+        scores = [r["retrieval"][p][str(n)] for p in probes for n in lengths]
+        assert cells[6:] == [f"{x['mean']:.2f} ± {x['std']:.2f}" for x in scores]
     assert (out / "loss.png").stat().st_size and (out / "retrieval.png").stat().st_size
 
 
 def test_ablation_pipeline_small(tmp_path):
-    """Every variant through training and measurement at a toy budget; the table is the JSON."""
-    cfg = AblateConfig(variants=["lightning", "cosformer", "norm_linear", "window", "diag"],
-                       seq_len=48, steps=3, batch_size=4, eval_batches=1,
+    """Every variant through the sweep, the other seed, and measurement at a toy budget;
+    the table is the JSON."""
+    cfg = AblateConfig(variants=["lightning", "linear", "cosformer", "norm_linear", "window",
+                                 "diag", "softmax"], task="retrieval", seq_len=48, steps=3,
+                       batch_size=4, eval_batches=1, lrs=[1e-3, 3e-3], seeds=[0, 1],
                        out_dir=str(tmp_path))  # fmt: skip
-    _check_report(run_ablation(cfg), tmp_path)
+    report = run_ablation(cfg)
+    _check_report(report, tmp_path)
+    assert [report["results"][v]["layers"] for v in ("linear", "softmax", "window")] == [
+        "LL", "SS", "WS"]  # fmt: skip
+    assert list(report["results"]["lightning"]["retrieval"]) == ["MQAR", "NIAH"]
+
+
+def test_ablation_picks_each_variants_lr_on_validation_not_test(tmp_path, monkeypatch):
+    """The rate with the best validation score trains the other seeds, whatever the test
+    scores say."""
+    from lightlong.train import ablate
+
+    calls = []
+
+    def fake_run(cfg, variant, lr, seed):
+        calls.append((variant, lr, seed))
+        # validation favours 1e-3 for lightning and 3e-3 for softmax; test says the opposite
+        good = lr == (1e-3 if variant == "lightning" else 3e-3)
+        return {"variant": variant, "lr": lr, "seed": seed, "layers": "LS", "params": 1,
+                "train_seconds": 1.0, "train_tok_s": 1.0, "eval_loss": 1.0,
+                "validation": 0.9 if good else 0.1, "curve": [(1, 1.0)],
+                "retrieval": {"MQAR": {"48": 0.1 if good else 0.9,
+                                       "192": 0.1 if good else 0.9}}}  # fmt: skip
+
+    monkeypatch.setattr(ablate, "train_run", fake_run)
+    cfg = AblateConfig(variants=["lightning", "softmax"], lrs=[1e-3, 3e-3], seeds=[0, 1, 2],
+                       out_dir=str(tmp_path))  # fmt: skip
+    report = run_ablation(cfg)
+    assert report["results"]["lightning"]["lr"] == 1e-3
+    assert report["results"]["softmax"]["lr"] == 3e-3
+    assert sorted(c for c in calls if c[2] != 0) == [
+        ("lightning", 1e-3, 1), ("lightning", 1e-3, 2), ("softmax", 3e-3, 1),
+        ("softmax", 3e-3, 2)]  # fmt: skip
+    cell = report["results"]["lightning"]["retrieval"]["MQAR"]["48"]
+    assert cell["values"] == [0.1, 0.1, 0.1] and cell["std"] == 0.0
 
 
 def test_ablate_cli_takes_comma_separated_variants(tmp_path):
     proc = lightlong_cli("ablate", "--variants", "lightning,window", "--seq-len", "48",
                          "--steps", "2", "--batch-size", "4", "--eval-batches", "1",
-                         "--task", "copy", "--out-dir", str(tmp_path))  # fmt: skip
+                         "--task", "copy", "--lrs", "3e-3", "--seeds", "0",
+                         "--out-dir", str(tmp_path))  # fmt: skip
     assert proc.returncode == 0, proc.stderr
     report = json.loads((tmp_path / "ablation.json").read_text())
     assert list(report["results"]) == ["lightning", "window"]
@@ -181,12 +225,21 @@ def test_ablate_cli_takes_comma_separated_variants(tmp_path):
     assert proc.returncode == 2 and "variants must be some of" in proc.stderr
 
 
+@pytest.mark.parametrize(("field", "value"), [("lrs", []), ("lrs", [0.0]), ("seeds", []),
+                                              ("seeds", [1, 1]), ("workers", 0),
+                                              ("min_pairs", 9)])  # fmt: skip
+def test_ablate_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        AblateConfig(**{field: value}).validate()
+
+
 @pytest.mark.slow
-def test_ablation_end_to_end_on_tiny_within_five_minutes(tmp_path):
+def test_ablation_end_to_end_in_two_processes_within_five_minutes(tmp_path):
     import time
 
     t0 = time.perf_counter()
-    report = run_ablation(AblateConfig(steps=150, out_dir=str(tmp_path)))
+    cfg = AblateConfig(steps=150, seeds=[0], lrs=[3e-3], workers=2, out_dir=str(tmp_path))
+    report = run_ablation(cfg)
     assert time.perf_counter() - t0 < 300
     _check_report(report, tmp_path)
 

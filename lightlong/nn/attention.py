@@ -98,7 +98,7 @@ class LightningAttention(nn.Module):
 
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, layer_idx: int,
                  num_layers: int, block_size: int, *, gated: bool = True,
-                 decayed: bool = True):  # fmt: skip
+                 decayed: bool = True, slope_heads: int | None = None):  # fmt: skip
         super().__init__()
         self.num_heads, self.head_dim, self.block_size = num_heads, head_dim, block_size
         self.layer_idx, self.gated = layer_idx, gated
@@ -110,7 +110,7 @@ class LightningAttention(nn.Module):
         self.norm = RMSNorm(inner, eps=1e-6)
         # fp32 rates kept outside the module's buffers: neither .to(bf16) nor a meta-device
         # build may touch them; copied to each device once.
-        rates = decay_rates(num_heads, layer_idx, num_layers)
+        rates = decay_rates(num_heads, layer_idx, num_layers, slope_heads=slope_heads)
         self._decay = {torch.device("cpu"): rates if decayed else torch.zeros_like(rates)}
 
     def decay(self, device: torch.device) -> Tensor:

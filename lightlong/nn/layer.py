@@ -27,6 +27,7 @@ def make_mixer(config: HybridConfig, layer_idx: int) -> nn.Module:
         return LightningAttention(
             c.hidden_size, c.num_heads, c.head_dim, layer_idx, c.num_layers, c.block_size,
             gated=kind == "lightning", decayed=kind == "lightning" or c.norm_linear_decay,
+            slope_heads=c.decay_slope_heads or None,
         )  # fmt: skip
     if kind == "cosformer":
         return CosformerAttention(

@@ -38,6 +38,9 @@ class TrainConfig:
     """Synthetic tasks: key-value pairs (recall) or answer tokens (others)."""
     num_queries: int = 16
     """Recall: queries per sample."""
+    min_pairs: int = 0
+    """Recall: training samples draw their pair count from min_pairs … num_pairs (a
+    curriculum within each batch; 0: always num_pairs). Held-out samples have num_pairs."""
     seq_len: int = 512
     """Tokens per sample (synthetic) or window (text)."""
     batch_size: int = 8
@@ -108,6 +111,9 @@ class TrainConfig:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
         if not self.lr > 0:
             raise ValueError(f"lr must be > 0, got {self.lr}")
+        if not 0 <= self.min_pairs <= self.num_pairs:
+            raise ValueError(f"min_pairs must be in [0, num_pairs={self.num_pairs}], got "
+                             f"{self.min_pairs}")  # fmt: skip
         if not 0 <= self.min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {self.min_lr_ratio}")
         for name in ("beta1", "beta2"):

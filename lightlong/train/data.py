@@ -57,7 +57,9 @@ class SyntheticTask:
 
     - "recall" (multi-query associative recall): `num_pairs` key-value pairs, filler, then
       `num_queries` queries (a key, then its value; loss on the value). Filler fills the
-      middle, so a longer sequence means a longer distance from pair to query.
+      middle, so a longer sequence means a longer distance from pair to query. With
+      `min_pairs`, each sample draws its number of pairs from min_pairs … num_pairs (a
+      curriculum mixed into every batch: few pairs are solved by copying any value first).
     - "passkey": filler with a needle (a marker key, then `num_pairs` value tokens) at a
       random depth; at the end the marker again, then the same value tokens (loss on them).
     - "copy": `num_pairs` random tokens, a separator, the same tokens again (loss on them),
@@ -72,6 +74,8 @@ class SyntheticTask:
     vocab_size: int
     num_pairs: int = 16
     num_queries: int = 16
+    min_pairs: int = 0
+    """recall: pairs per sample drawn uniformly from min_pairs … num_pairs (0: num_pairs)."""
 
     def __post_init__(self):
         if self.name not in TASKS:
@@ -84,6 +88,10 @@ class SyntheticTask:
             )
         if self.num_queries < 1:
             raise ValueError(f"num_queries must be >= 1, got {self.num_queries}")
+        if not 0 <= self.min_pairs <= self.num_pairs:
+            raise ValueError(
+                f"min_pairs must be in [0, num_pairs={self.num_pairs}], got {self.min_pairs}"
+            )
 
     def min_length(self) -> int:
         """Shortest sequence that holds the task."""
@@ -108,6 +116,8 @@ class SyntheticTask:
         ids[0] = 0
         labels = np.full(length, IGNORE, dtype=np.int64)
         n = self.num_pairs
+        if self.name == "recall" and self.min_pairs:
+            n = int(rng.integers(self.min_pairs, self.num_pairs + 1))
         if self.name == "recall":
             k = rng.choice(len(keys), size=n, replace=False) + keys.start
             v = rng.integers(values.start, values.stop, size=n)

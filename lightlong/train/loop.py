@@ -10,6 +10,7 @@ takes its share of every global batch; rank 0 logs and saves.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import json
 import math
 import os
@@ -106,7 +107,8 @@ class Trainer:
             held = files[-1:] if len(files) > 1 else files
             return make(files[:-1] if len(files) > 1 else files), make(held)
         task = SyntheticTask(c.task, V, c.num_pairs, c.num_queries)
-        train = SyntheticData(task, c.seq_len, local, c.seed, self.rank, self.world)
+        train = SyntheticData(dataclasses.replace(task, min_pairs=c.min_pairs), c.seq_len, local,
+                              c.seed, self.rank, self.world)  # fmt: skip
         held = SyntheticData(task, c.seq_len, local, c.seed + 1_000_003, self.rank, self.world)
         return train, held
 

@@ -4,6 +4,12 @@ Each head h decays its state by λ_h = exp(-s_h) per token. MiniMax takes s_h fr
 head slopes and scales them down with depth, so the last layers forget slowest:
 
     s_h = slope_h · (1 − l / (L − 1) + 1e-5)      (l the layer index of L layers; L = 1: 1 + 1e-5)
+
+slope_h is ALiBi's slope of head h of H, 2^(-8(h+1)/H) for H a power of two. With few heads
+every slope is slow: H = 4 gives the first layer per-token factors 0.78 … 0.996 and no head
+that remembers only the last token or two, which 64 heads have (0.40 … 0.78 for a quarter of
+them). `slope_heads=R` gives head h the slope of head h of R heads instead: the first H heads
+of an R-head model (R = H is MiniMax's rule).
 """
 
 from __future__ import annotations
@@ -34,7 +40,12 @@ def alibi_slopes(num_heads: int) -> list[float]:
 
 
 def decay_rates(
-    num_heads: int, layer_idx: int, num_layers: int, device: torch.device | str = "cpu"
+    num_heads: int,
+    layer_idx: int,
+    num_layers: int,
+    device: torch.device | str = "cpu",
+    *,
+    slope_heads: int | None = None,
 ) -> torch.Tensor:
     """Decay rates s_h ≥ 0 of one lightning layer, as MiniMax-Text-01 defines them.
 
@@ -43,6 +54,8 @@ def decay_rates(
         layer_idx: l, the layer's global index, 0 ≤ l < num_layers.
         num_layers: L, layers in the whole model.
         device: where the tensor goes (explicit, so a meta-device build gets real rates).
+        slope_heads: R ≥ H: head h takes ALiBi's slope of head h of R heads (None or H:
+            MiniMax-Text-01's rule).
 
     Returns:
         float32 tensor [H] of rates s_h (per-token factor exp(-s_h)).
@@ -51,5 +64,9 @@ def decay_rates(
         raise ValueError(f"num_layers must be a positive int, got {num_layers!r}")
     if not isinstance(layer_idx, int) or not 0 <= layer_idx < num_layers:
         raise ValueError(f"layer_idx must be an int in [0, {num_layers}), got {layer_idx!r}")
+    R = num_heads if slope_heads is None else slope_heads
+    if not isinstance(R, int) or isinstance(R, bool) or num_heads > R:
+        raise ValueError(f"slope_heads must be an int >= num_heads ({num_heads}), got {R!r}")
+    slopes = alibi_slopes(R)[:num_heads]
     depth = 1.0 + 1e-5 if num_layers == 1 else 1.0 - layer_idx / (num_layers - 1) + 1e-5
-    return torch.tensor(alibi_slopes(num_heads), dtype=torch.float32, device=device) * depth
+    return torch.tensor(slopes, dtype=torch.float32, device=device) * depth
