@@ -52,8 +52,8 @@ def test_local_and_linear_layers_see_what_they_should(kind):
     other = ids.clone()
     other[0, 0] = (ids[0, 0] + 1) % 512
     last, moved = model(ids).logits[0, -1], model(other).logits[0, -1]
-    if kind in ("diag_softmax", "window_softmax"):
-        assert torch.equal(last, moved)
+    if kind in ("diag_softmax", "window_softmax"):  # equal to float64 rounding (MoE matmul sizes)
+        assert_close(moved, last, 1e-12, "last logits after changing token 0")
     else:
         assert not torch.allclose(last, moved)
 

@@ -292,13 +292,15 @@ def test_packed_second_document_equals_it_alone(tmp_path):
     labels[:, :n1] = IGNORE
     packed_loss = model(ids, cu_seqlens=cu, labels=labels).lm_loss
     assert packed_loss.item() == pytest.approx(alone.lm_loss.item(), rel=1e-12)
-    # other tokens in the first document leave the second's logits bit-identical
+    # other tokens in the first document leave the second's logits unchanged (to float64
+    # rounding: the first document's routing changes the MoE's per-expert matmul sizes, and
+    # some CPUs' BLAS then sums in another order)
     other = next(TextData(write_docs(tmp_path / "other", DOC1_OTHER), tok, seq_len, 1))
     assert not torch.equal(other.input_ids[:, :n1], ids[:, :n1])
     assert torch.equal(other.input_ids[:, n1:], ids[:, n1:])
     changed = model(other.input_ids, cu_seqlens=other.cu_seqlens).logits
-    assert torch.equal(changed[:, n1:], packed[:, n1:])
-    assert not torch.equal(changed[:, :n1], packed[:, :n1])
+    assert_close(changed[:, n1:], packed[:, n1:], 1e-12, "second document after changing the first")
+    assert not torch.allclose(changed[:, :n1], packed[:, :n1])
 
 
 def test_text_data_rejects_bad_files(tmp_path):
