@@ -158,7 +158,7 @@ def build_parser() -> argparse.ArgumentParser:
     # Training gains nothing from kept memory and its heap fragments (2.5x the live peak).
     train.set_defaults(func=_train, keep_freed_memory=False)
     demo = commands.add_parser(
-        "demo", help="train tiny hybrid / linear / softmax on recall and compare (make run)"
+        "demo", help="train a hybrid and its all-lightning / all-softmax twins on recall (make run)"
     )
     add_config_args(demo, DemoConfig)
     demo.set_defaults(func=_run_config(DemoConfig, run_demo), keep_freed_memory=False)
