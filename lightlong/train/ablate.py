@@ -220,7 +220,7 @@ def train_run(cfg: AblateConfig, variant: str, lr: float, seed: int) -> dict:
     tc = TrainConfig(
         model=str(run / "model.json"), task="text" if cfg.data else cfg.task,
         data_files=list(cfg.data), num_pairs=cfg.num_pairs, num_queries=cfg.num_queries,
-        min_pairs=0 if cfg.data else cfg.min_pairs, seq_len=cfg.seq_len,
+        min_pairs=cfg.min_pairs, seq_len=cfg.seq_len,
         batch_size=cfg.batch_size, steps=cfg.steps, lr=lr, warmup_steps=max(1, cfg.steps // 10),
         eval_every=0, eval_batches=cfg.eval_batches, log_every=max(1, cfg.steps // 20),
         save_every=0, keep_last=1, seed=seed, progress=False, out_dir=str(run),

@@ -39,8 +39,9 @@ class TrainConfig:
     num_queries: int = 16
     """Recall: queries per sample."""
     min_pairs: int = 0
-    """Recall: training samples draw their pair count from min_pairs … num_pairs (a
-    curriculum within each batch; 0: always num_pairs). Held-out samples have num_pairs."""
+    """Recall (and retrieval's recall samples): training samples draw their pair count from
+    min_pairs … num_pairs (a curriculum within each batch; 0: always num_pairs). Held-out
+    samples have num_pairs; other tasks ignore it."""
     seq_len: int = 512
     """Tokens per sample (synthetic) or window (text)."""
     batch_size: int = 8

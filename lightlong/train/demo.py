@@ -75,7 +75,7 @@ def run_demo(cfg: DemoConfig) -> dict:
     for preset in cfg.presets:
         tc = TrainConfig(
             model=preset, task=cfg.task, num_pairs=cfg.num_pairs, num_queries=cfg.num_queries,
-            min_pairs=cfg.min_pairs if cfg.task in ("recall", "retrieval") else 0,
+            min_pairs=cfg.min_pairs,
             seq_len=cfg.seq_len, batch_size=cfg.batch_size, steps=cfg.steps, lr=cfg.lr,
             warmup_steps=max(1, cfg.steps // 10), eval_every=max(1, cfg.steps // 5),
             eval_batches=cfg.eval_batches, log_every=max(1, cfg.steps // 30), save_every=0,
