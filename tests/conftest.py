@@ -59,6 +59,20 @@ def assert_close(actual: Tensor | None, ref: Tensor | None, tol: float, name: st
     return err
 
 
+def make(cfg, seed: int = 0):
+    """A `HybridLM` of `cfg` in eval mode, seeded, with norms drawn from [0.5, 1.5] so that
+    a swapped weight would show (all-ones norms hide some)."""
+    from lightlong import HybridLM
+
+    torch.manual_seed(seed)
+    model = HybridLM(cfg).eval()
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if name.endswith("norm.weight") or "layernorm" in name:
+                p.uniform_(0.5, 1.5)
+    return model
+
+
 def lightlong_cli(*args: str) -> subprocess.CompletedProcess:
     """Runs `python -m lightlong ARGS` and captures its output."""
     return subprocess.run(

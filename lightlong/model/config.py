@@ -1,8 +1,17 @@
 """`HybridConfig`: the one description of a MiniMax-01-style hybrid model.
 
-Reads and writes MiniMax-Text-01's released `config.json` (`attn_type_list`,
-`layernorm_*_alpha/beta`, `postnorm`, `rotary_dim`) and reads `transformers`' `minimax`
-format (`layer_types`, `*_alpha_factor/*_beta_factor`, `partial_rotary_factor`).
+Three `config.json` dialects are read, each with its own defaults for missing fields:
+
+- released: MiniMax-Text-01 (`MiniMaxText01ForCausalLM`, `minimax_text_01`) and MiniMax-M1
+  (`MiniMaxM1ForCausalLM`, `minimax_m1`; the same architecture) — `attn_type_list`,
+  `layernorm_*_alpha/beta`, `postnorm`, `rotary_dim`, `shared_intermediate_size`; missing
+  fields take the released configuration class's and modeling code's defaults;
+- `transformers`' native `minimax` — `layer_types`, `*_alpha_factor/*_beta_factor`; read as
+  `transformers` runs it (always post-norm, RoPE over the whole head);
+- lightlong's own field names (`HybridConfig.to_dict`).
+
+The released dialect is written (lightlong's other mixers go to `lightlong_layer_types`
+only), and `transformers`' when the model can be expressed there.
 """
 
 from __future__ import annotations
@@ -24,6 +33,10 @@ LAYER_LETTERS = {"lightning": "L", "softmax": "S", "cosformer": "C", "norm_linea
                  "diag_softmax": "D", "window_softmax": "W"}  # fmt: skip
 """One letter per layer type, for layer patterns like LLLS."""
 CONFIG_FORMATS = ("minimax", "transformers")
+MODEL_TYPES = {"minimax_text_01": "MiniMaxText01ForCausalLM", "minimax_m1": "MiniMaxM1ForCausalLM"}
+"""The released families (same architecture) and the `architectures` name each writes."""
+ACTIVATIONS = ("silu", "swish")
+"""`hidden_act` values the released code runs as SiLU (lightning q/k/v and the experts)."""
 _HF_LAYER_TYPES = {"linear_attention": "lightning", "full_attention": "softmax"}
 
 
@@ -93,6 +106,13 @@ class HybridConfig:
     """Longest sequence the model accepts."""
     initializer_range: float = 0.02
     """Std of the normal initialisation of weights."""
+    shared_intermediate_size: int = 0
+    """> 0: every layer adds the released shared expert, a SwiGLU MLP (`shared_mlp`, of
+    intermediate_size hidden units as the released code builds it) mixed with the MoE
+    output by a sigmoid gate: y = (1 − c)·moe + c·mlp, c = σ(h · coefficient)."""
+    model_type: str = "minimax_text_01"
+    """Released family written to config.json: 'minimax_text_01' or 'minimax_m1' (MiniMax-M1,
+    the same architecture)."""
 
     def validate(self) -> HybridConfig:
         """Raises ValueError naming the field and its allowed range; returns self."""
@@ -138,6 +158,13 @@ class HybridConfig:
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         if not self.router_aux_loss_coef >= 0:
             raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+        shared = self.shared_intermediate_size
+        if not isinstance(shared, int) or isinstance(shared, bool) or shared < 0:
+            raise ValueError(f"shared_intermediate_size must be an int >= 0, got {shared!r}")
+        if self.model_type not in MODEL_TYPES:
+            raise ValueError(
+                f"model_type must be one of {list(MODEL_TYPES)}, got {self.model_type!r}"
+            )
         return self
 
     # ------------------------------------------------------------------ presets
@@ -171,8 +198,8 @@ class HybridConfig:
         if self.decay_slope_heads:
             extra["decay_slope_heads"] = self.decay_slope_heads
         return {
-            "architectures": ["MiniMaxText01ForCausalLM"],
-            "model_type": "minimax_text_01",
+            "architectures": [MODEL_TYPES[self.model_type]],
+            "model_type": self.model_type,
             "vocab_size": self.vocab_size,
             "hidden_size": self.hidden_size,
             "num_hidden_layers": self.num_layers,
@@ -199,16 +226,35 @@ class HybridConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "initializer_range": self.initializer_range,
             "hidden_act": "silu",
+            "shared_intermediate_size": self.shared_intermediate_size,
+            "shared_moe_mode": "sigmoid",
             **extra,
         }
 
     def to_hf_dict(self) -> dict[str, Any]:
-        """`transformers`' `minimax` config fields (for building its reference model)."""
+        """`transformers`' `minimax` config fields; ValueError naming the field when
+        `transformers` would run a different model (its MiniMax is post-norm, rotates the
+        whole head, has no shared expert and derives decay rates for power-of-two H only)."""
         other = sorted(set(self.layer_types) - {"lightning", "softmax"})
         if other:
             raise ValueError(f"transformers' MiniMax has no {other} layers")
         if self.decay_slope_heads:
             raise ValueError("transformers' MiniMax has no decay_slope_heads (its rates follow H)")
+        if self.rotary_dim != self.head_dim and "softmax" in self.layer_types:
+            raise ValueError(
+                f"rotary_dim={self.rotary_dim}: transformers' MiniMax rotates all head_dim="
+                f"{self.head_dim} dims (it ignores partial_rotary_factor), so its logits would "
+                "differ; save with config_format='minimax'"
+            )
+        if not self.postnorm:
+            raise ValueError("postnorm=False: transformers' MiniMax is always post-norm")
+        if self.shared_intermediate_size:
+            raise ValueError("shared_intermediate_size: transformers' MiniMax has no shared expert")
+        if "lightning" in self.layer_types and self.num_heads & (self.num_heads - 1):
+            raise ValueError(
+                f"num_heads={self.num_heads}: transformers' MiniMax derives other decay rates "
+                "than the released model when H is not a power of two"
+            )
         return {
             "model_type": "minimax",
             "vocab_size": self.vocab_size,
@@ -220,7 +266,6 @@ class HybridConfig:
             "layer_types": [
                 "full_attention" if t == "softmax" else "linear_attention" for t in self.layer_types
             ],
-            "partial_rotary_factor": self.rotary_dim / self.head_dim,
             "rope_theta": self.rope_theta,
             "block_size": self.block_size,
             "num_local_experts": self.num_experts,
@@ -246,8 +291,16 @@ class HybridConfig:
         if not isinstance(d, dict):
             raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
         own = {f.name for f in dataclasses.fields(cls)}
-        if "attn_type_list" in d or ("layer_types" in d and "num_hidden_layers" in d):
-            d = _from_minimax_or_hf(d, source)
+        if set(d) <= own:  # lightlong's own field names (to_dict)
+            pass
+        elif d.get("model_type") == "minimax" or ("layer_types" in d and "num_hidden_layers" in d):
+            d = _from_transformers(d, source)
+        elif (
+            "attn_type_list" in d
+            or d.get("model_type") in (*MODEL_TYPES, "MiniMaxText01", "MiniMaxM1")
+            or "num_hidden_layers" in d
+        ):
+            d = _from_released(d, source)
         unknown = sorted(set(d) - own)
         if unknown:
             raise ValueError(f"{source}: unknown fields {unknown}; valid: {sorted(own)}")
@@ -274,64 +327,128 @@ class HybridConfig:
         Path(path).write_text(json.dumps(d, indent=2) + "\n")
 
 
-def _from_minimax_or_hf(d: dict[str, Any], source: str) -> dict[str, Any]:
-    """Maps released-MiniMax or `transformers` fields onto HybridConfig's."""
+# Defaults of the released configuration class (MiniMaxText01Config / MiniMaxM1Config) and,
+# for fields it does not declare, of the released modeling code's getattr() fallbacks.
+_RELEASED_DEFAULTS = {
+    "vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 14336,
+    "num_hidden_layers": 32, "num_attention_heads": 32, "num_key_value_heads": 8,
+    "max_position_embeddings": 4096 * 32, "initializer_range": 0.02, "rms_norm_eps": 1e-5,
+    "rope_theta": 1e6, "num_experts_per_tok": 2, "num_local_experts": 8,
+    "router_aux_loss_coef": 0.001, "tie_word_embeddings": False, "postnorm": False,
+    "shared_intermediate_size": 0, "block_size": 256, "hidden_act": "silu",
+}  # fmt: skip
+_RELEASED_ARCHITECTURES = {*MODEL_TYPES.values(), "MiniMaxForCausalLM"}
 
-    def need(key: str) -> Any:
-        if key not in d:
-            raise ValueError(f"{source}: missing field {key!r}")
-        return d[key]
 
-    num_heads = need("num_attention_heads")
-    head_dim = d.get("head_dim") or need("hidden_size") // num_heads
+def _check_common(d: dict[str, Any], source: str) -> None:
+    """What both external dialects share: the activation and the architecture name."""
+    act = d.get("hidden_act", "silu")
+    if act not in ACTIVATIONS:
+        raise ValueError(f"{source}: hidden_act {act!r} is not supported (only {ACTIVATIONS})")
+    archs = d.get("architectures") or []
+    unknown = [a for a in archs if a not in _RELEASED_ARCHITECTURES]
+    if unknown:
+        raise ValueError(
+            f"{source}: architectures {unknown} is not a MiniMax-01 model; lightlong reads "
+            f"{sorted(_RELEASED_ARCHITECTURES)}"
+        )
+
+
+def _shared_fields(d: dict[str, Any]) -> dict[str, Any]:
+    """The fields both external dialects name alike (after their defaults are filled in)."""
+    num_heads = d["num_attention_heads"]
+    return {
+        "vocab_size": d["vocab_size"],
+        "hidden_size": d["hidden_size"],
+        "num_layers": d["num_hidden_layers"],
+        "num_heads": num_heads,
+        "num_kv_heads": d["num_key_value_heads"],
+        "head_dim": d.get("head_dim") or d["hidden_size"] // num_heads,
+        "block_size": d["block_size"],
+        "num_experts": d["num_local_experts"],
+        "experts_per_token": d["num_experts_per_tok"],
+        "intermediate_size": d["intermediate_size"],
+        "router_aux_loss_coef": d["router_aux_loss_coef"],
+        "rms_norm_eps": d["rms_norm_eps"],
+        "tie_word_embeddings": d["tie_word_embeddings"],
+        "max_position_embeddings": d["max_position_embeddings"],
+        "initializer_range": d["initializer_range"],
+    }
+
+
+def _from_released(d: dict[str, Any], source: str) -> dict[str, Any]:
+    """Released MiniMax-Text-01 / MiniMax-M1 fields onto HybridConfig's."""
+    _check_common(d, source)
+    d = _RELEASED_DEFAULTS | {k: v for k, v in d.items() if v is not None}
+    if "attn_type_list" not in d:
+        raise ValueError(f"{source}: missing field 'attn_type_list' (0 lightning, 1 softmax)")
+    codes = d["attn_type_list"]
+    bad = [(i, c) for i, c in enumerate(codes) if c not in (0, 1)]
+    if bad:
+        i, code = bad[0]
+        raise ValueError(
+            f"{source}: attn_type_list[{i}] = {code!r}: codes are 0 (lightning) and 1 "
+            "(softmax); lightlong's other mixers are named in lightlong_layer_types"
+        )
     if "lightlong_layer_types" in d:
         layer_types = list(d["lightlong_layer_types"])
-        scale_keys = "layernorm_{}_attention_{}", "layernorm_mlp_{}"
-    elif "attn_type_list" in d:
-        layer_types = [LAYER_TYPES[int(t)] for t in d["attn_type_list"]]
-        scale_keys = "layernorm_{}_attention_{}", "layernorm_mlp_{}"
     else:
-        unknown = sorted({t for t in d["layer_types"] if t not in _HF_LAYER_TYPES})
-        if unknown:
-            raise ValueError(f"{source}: unknown layer_types {unknown}")
-        layer_types = [_HF_LAYER_TYPES[t] for t in d["layer_types"]]
-        scale_keys = "{}_attn_{}_factor", "mlp_{}_factor"
-    if "rotary_dim" in d:
-        rotary_dim = int(d["rotary_dim"])
-    else:
-        rope = d.get("rope_parameters") or {}
-        factor = d.get("partial_rotary_factor", rope.get("partial_rotary_factor", 1.0))
-        rotary_dim = int(head_dim * factor)
-    rope = d.get("rope_parameters") or {}
-    out = {
-        "vocab_size": need("vocab_size"),
-        "hidden_size": need("hidden_size"),
-        "num_layers": need("num_hidden_layers"),
-        "num_heads": num_heads,
-        "num_kv_heads": d.get("num_key_value_heads") or num_heads,
-        "head_dim": head_dim,
+        layer_types = ["softmax" if c else "lightning" for c in codes]
+    shared = d["shared_intermediate_size"]
+    if isinstance(shared, list):  # one entry for every layer (MiniMax-VL-01 writes [0])
+        if len(set(shared)) > 1:
+            raise ValueError(f"{source}: shared_intermediate_size differs by layer: {shared}")
+        shared = shared[0] if shared else 0
+    mode = d.get("shared_moe_mode", "sigmoid")
+    if shared and mode != "sigmoid":
+        raise ValueError(f"{source}: shared_moe_mode {mode!r}: the released code mixes by sigmoid")
+    m1 = d.get("model_type") in ("minimax_m1", "MiniMaxM1")
+    out = _shared_fields(d) | {
         "layer_types": layer_types,
-        "rotary_dim": rotary_dim,
-        "rope_theta": float(d.get("rope_theta", rope.get("rope_theta", 10000.0))),
-        "block_size": d.get("block_size", 256),
-        "num_experts": need("num_local_experts"),
-        "experts_per_token": need("num_experts_per_tok"),
-        "intermediate_size": need("intermediate_size"),
-        "router_aux_loss_coef": d.get("router_aux_loss_coef", 0.001),
-        "rms_norm_eps": d.get("rms_norm_eps", 1e-5),
-        "postnorm": d.get("postnorm", True),
-        "tie_word_embeddings": d.get("tie_word_embeddings", False),
-        "max_position_embeddings": d.get("max_position_embeddings", 1 << 20),
-        "initializer_range": d.get("initializer_range", 0.02),
+        "rotary_dim": int(d.get("rotary_dim", -1)),
+        "rope_theta": float(d["rope_theta"]),
+        "postnorm": d["postnorm"],
+        "shared_intermediate_size": shared,
+        "model_type": "minimax_m1" if m1 else "minimax_text_01",
         **{k: d[k] for k in (*_LINEAGE_FIELDS, "decay_slope_heads") if k in d},
     }
-    attn_key, mlp_key = scale_keys
-    for ours, theirs in (("linear", "linear"), ("full", "full")):
+    if out["rotary_dim"] < 0:  # getattr(config, "rotary_dim", head_dim)
+        out["rotary_dim"] = out["head_dim"]
+    for kind in ("linear", "full"):
         for part in ("alpha", "beta"):
-            key = attn_key.format(theirs, part)
-            out[f"{ours}_attn_{part}"] = float(d.get(key, 1.0))
+            value = d.get(f"layernorm_{kind}_attention_{part}", 1.0)
+            out[f"{kind}_attn_{part}"] = float(value)
     for part in ("alpha", "beta"):
-        out[f"mlp_{part}"] = float(d.get(mlp_key.format(part), 1.0))
+        out[f"mlp_{part}"] = float(d.get(f"layernorm_mlp_{part}", 1.0))
+    return out
+
+
+# Defaults of transformers' MiniMaxConfig (rope_theta: top level, else in rope_parameters)
+_TRANSFORMERS_DEFAULTS = {k: v for k, v in _RELEASED_DEFAULTS.items() if k != "rope_theta"}
+
+
+def _from_transformers(d: dict[str, Any], source: str) -> dict[str, Any]:
+    """`transformers`' `minimax` fields onto HybridConfig's, as `transformers` runs them:
+    post-norm, RoPE over the whole head (it ignores partial_rotary_factor)."""
+    _check_common(d, source)
+    d = _TRANSFORMERS_DEFAULTS | {k: v for k, v in d.items() if v is not None}
+    rope = d.get("rope_parameters") or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"{source}: rope_type {rope['rope_type']!r} is not supported")
+    names = d.get("layer_types") or [
+        "full_attention" if i % 2 == 0 else "linear_attention"
+        for i in range(d["num_hidden_layers"])
+    ]
+    unknown = sorted({t for t in names if t not in _HF_LAYER_TYPES})
+    if unknown:
+        raise ValueError(f"{source}: unknown layer_types {unknown}; valid: {list(_HF_LAYER_TYPES)}")
+    out = _shared_fields(d) | {"layer_types": [_HF_LAYER_TYPES[t] for t in names]}
+    out["rotary_dim"] = out["head_dim"]
+    out["rope_theta"] = float(d.get("rope_theta", rope.get("rope_theta", 1e6)))
+    out["postnorm"] = True
+    for ours in ("linear_attn", "full_attn", "mlp"):
+        for part in ("alpha", "beta"):
+            out[f"{ours}_{part}"] = float(d.get(f"{ours}_{part}_factor", 1.0))
     return out
 
 
@@ -355,18 +472,21 @@ def _with_variants(name: str, base: HybridConfig) -> dict[str, HybridConfig]:
 
 _MINIMAX_RESIDUAL = (2 * 80) ** 0.25  # DeepNorm-style alpha of the released model
 
+# MiniMax-Text-01 as released; MiniMax-M1 (its 40K and 80K thinking budgets) is the same
+# architecture, trained further.
+_TEXT01 = HybridConfig(
+    vocab_size=200064, hidden_size=6144, num_layers=80, num_heads=64, num_kv_heads=8,
+    head_dim=128, layer_types=_every(8, 80), rotary_dim=64, rope_theta=1e7,
+    block_size=256, num_experts=32, experts_per_token=2, intermediate_size=9216,
+    router_aux_loss_coef=0.001, rms_norm_eps=1e-5, postnorm=True,
+    linear_attn_alpha=_MINIMAX_RESIDUAL, full_attn_alpha=_MINIMAX_RESIDUAL,
+    mlp_alpha=_MINIMAX_RESIDUAL, max_position_embeddings=10240000,
+)  # fmt: skip
+
 PRESETS: dict[str, HybridConfig] = {
-    **_with_variants(
-        "minimax-text-01",
-        HybridConfig(
-            vocab_size=200064, hidden_size=6144, num_layers=80, num_heads=64, num_kv_heads=8,
-            head_dim=128, layer_types=_every(8, 80), rotary_dim=64, rope_theta=1e7,
-            block_size=256, num_experts=32, experts_per_token=2, intermediate_size=9216,
-            router_aux_loss_coef=0.001, rms_norm_eps=1e-5, postnorm=True,
-            linear_attn_alpha=_MINIMAX_RESIDUAL, full_attn_alpha=_MINIMAX_RESIDUAL,
-            mlp_alpha=_MINIMAX_RESIDUAL, max_position_embeddings=10240000,
-        ),
-    ),
+    **_with_variants("minimax-text-01", _TEXT01),
+    "minimax-m1-40k": dataclasses.replace(_TEXT01, model_type="minimax_m1"),
+    "minimax-m1-80k": dataclasses.replace(_TEXT01, model_type="minimax_m1"),
     # tiny is pre-norm: post-norm with alpha = 1 did not start learning within the demo's
     # budget (minutes on a CPU) at any learning rate tried; pre-norm did.
     **_with_variants(

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING
 
+import torch
 from torch import Tensor, nn
 
 from lightlong.nn.attention import (
@@ -13,7 +14,7 @@ from lightlong.nn.attention import (
     SequenceInfo,
     SoftmaxAttention,
 )
-from lightlong.nn.moe import MoE
+from lightlong.nn.moe import MoE, SharedMLP
 from lightlong.nn.norm import RMSNorm
 
 if TYPE_CHECKING:  # the config is data; nn does not import the model package at run time
@@ -44,7 +45,8 @@ def make_mixer(config: HybridConfig, layer_idx: int) -> nn.Module:
 
 
 class DecoderLayer(nn.Module):
-    """x ← α·r + β·mixer(norm(x)), then x ← α'·r' + β'·moe(norm(x)).
+    """x ← α·r + β·mixer(norm(x)), then x ← α'·r' + β'·moe(norm(x)) (mixed with the shared
+    expert when the config has one).
 
     r is the normed input when `postnorm` (MiniMax-Text-01), the raw input otherwise.
     """
@@ -59,6 +61,10 @@ class DecoderLayer(nn.Module):
         self.block_sparse_moe = MoE(
             c.hidden_size, c.intermediate_size, c.num_experts, c.experts_per_token
         )
+        self.shared_mlp = self.coefficient = None
+        if c.shared_intermediate_size:  # sized by intermediate_size, as the released code does
+            self.shared_mlp = SharedMLP(c.hidden_size, c.intermediate_size)
+            self.coefficient = nn.Linear(c.hidden_size, 1, bias=False)
         lightning = c.layer_types[layer_idx] in ("lightning", "cosformer", "norm_linear")
         self.attn_alpha = c.linear_attn_alpha if lightning else c.full_attn_alpha
         self.attn_beta = c.linear_attn_beta if lightning else c.full_attn_beta
@@ -70,4 +76,7 @@ class DecoderLayer(nn.Module):
         x = (h if self.postnorm else x) * self.attn_alpha + self.self_attn(h, seq) * self.attn_beta
         h = self.post_attention_layernorm(x)
         y, aux = self.block_sparse_moe(h, with_aux=seq.cache is None)
+        if self.shared_mlp is not None:  # y ← (1 − c)·y + c·mlp(h), c = σ(h · w) in fp32
+            c = torch.sigmoid(h.float() @ self.coefficient.weight.float().T).to(h.dtype)
+            y = y * (1 - c) + self.shared_mlp(h) * c
         return (h if self.postnorm else x) * self.mlp_alpha + y * self.mlp_beta, aux
