@@ -6,10 +6,14 @@ import argparse
 import dataclasses
 import itertools
 import json
+import os
+import signal
 import sys
+import warnings
+from importlib.metadata import version
 from pathlib import Path
 
-from lightlong.config import add_config_args, config_from_args
+from lightlong.config import ArgumentParser, add_config_args, config_from_args, fields_help
 from lightlong.runtime import keep_freed_memory
 
 
@@ -29,7 +33,8 @@ def _run_config(cls, run):
 def _info(args: argparse.Namespace) -> None:
     import torch
 
-    from lightlong.model.info import describe, resolve_config
+    from lightlong.model.info import describe
+    from lightlong.model.source import resolve_config
 
     dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if args.context < 1 or args.batch < 1:
@@ -49,10 +54,17 @@ def _generate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from lightlong.infer import Engine, SamplingParams
-    from lightlong.model.info import load_model
-    from lightlong.tokenizer import load_tokenizer
+    from lightlong.model.source import (
+        eos_token_ids,
+        generation_config,
+        load_model,
+        load_model_tokenizer,
+    )
+    from lightlong.runtime import check_device
 
-    if args.prompt_file is not None:
+    if "-" in (args.prompt, args.prompt_file):
+        prompt = sys.stdin.read()
+    elif args.prompt_file is not None:
         try:
             prompt = Path(args.prompt_file).read_text(encoding="utf-8")
         except (OSError, UnicodeDecodeError) as e:
@@ -60,14 +72,16 @@ def _generate(args: argparse.Namespace) -> None:
     else:
         prompt = args.prompt
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
-    model = load_model(args.model, dtype=dtype, device=args.device, seed=args.seed or 0)
-    source = args.tokenizer if args.tokenizer is not None else args.model
-    tokenizer = load_tokenizer(source if Path(source).exists() else None)
+    tokenizer = load_model_tokenizer(args.model, args.tokenizer)
+    generation = {} if args.ignore_eos else generation_config(args.model)
+    device = check_device(args.device)
+    model = load_model(args.model, dtype=dtype, device=device, seed=args.seed or 0)
     engine = Engine(model, tokenizer, prefill_chunk=args.prefill_chunk)
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
         top_p=args.top_p, repetition_penalty=args.repetition_penalty, seed=args.seed,
-        stop=args.stop, stop_token_ids=args.stop_token_id, ignore_eos=args.ignore_eos,
+        stop=args.stop, stop_token_ids=args.stop_token_id + eos_token_ids(generation),
+        ignore_eos=args.ignore_eos,
     )  # fmt: skip
     ids = tokenizer.encode(prompt)
     if not ids:
@@ -80,13 +94,17 @@ def _generate(args: argparse.Namespace) -> None:
         events = engine.stream(ids, params, progress=bar.update)
         first = next(events)
         bar.close()
+        last = ""
         for ev in itertools.chain([first], events):
             sys.stdout.write(ev.text)
             sys.stdout.flush()
+            last = ev.text or last
+    if not last.endswith("\n"):
+        print()  # the output ends its last line, as text files and shells expect
     st = engine.stats
     kv = st.cache_bytes
     print(
-        f"\n[{len(ids):,} prompt tokens at {st.prefill_tok_s:,.0f} tok/s; {st.decode_tokens} "
+        f"[{len(ids):,} prompt tokens at {st.prefill_tok_s:,.0f} tok/s; {st.decode_tokens} "
         f"new at {st.decode_tok_s:,.1f} tok/s; finish: {ev.finish_reason}; cache "
         f"{kv['total'] / 2**20:,.1f} MiB (lightning {kv['lightning'] / 2**20:,.1f}, "
         f"softmax KV {kv['softmax_kv'] / 2**20:,.1f})]",
@@ -126,10 +144,15 @@ def build_parser() -> argparse.ArgumentParser:
     from lightlong.eval.runner import TASKS as EVAL_TASKS
     from lightlong.eval.runner import EvalConfig
     from lightlong.train.ablate import AblateConfig, run_ablation
+    from lightlong.train.config import TrainConfig
     from lightlong.train.demo import DemoConfig, run_demo
 
-    parser = argparse.ArgumentParser(prog="lightlong", description=__doc__)
+    parser = ArgumentParser(prog="lightlong", description=__doc__)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version('lightlong')}")
     parser.set_defaults(keep_freed_memory=True)
+    parser.add_argument(
+        "--debug", action="store_true", help="show the traceback of an error, not one line"
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     bench = commands.add_parser("bench", help="benchmarks").add_subparsers(
         dest="bench", required=True
@@ -150,8 +173,9 @@ def build_parser() -> argparse.ArgumentParser:
     train_bench.set_defaults(func=_run_config(TrainBenchConfig, run_train_bench))
 
     train = commands.add_parser(
-        "train", help="train a model (torchrun --nproc-per-node N -m lightlong train ...)"
-    )
+        "train", help="train a model (torchrun --nproc-per-node N -m lightlong train ...)",
+        epilog=f"keys (key=value, or in the --config file):\n{fields_help(TrainConfig)}",
+    )  # fmt: skip
     train.add_argument("--config", help="TOML, YAML or JSON file of TrainConfig keys")
     train.add_argument("overrides", nargs="*", help="key=value (after the file)")
     train.add_argument("--print-config", action="store_true", help="print the config and exit")
@@ -172,7 +196,11 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate = commands.add_parser(
         "eval", help="long-context evaluation: NIAH, RULER-style, MR-NIAH, perplexity"
     )
-    evaluate.add_argument("task", choices=[*EVAL_TASKS, "all"], help="task, or all (quick suite)")
+    evaluate.add_argument(
+        "task",
+        choices=[*EVAL_TASKS, "all"],
+        help="task, or all: every task (the oracle skips perplexity)",
+    )
     add_config_args(evaluate, EvalConfig)
     evaluate.set_defaults(func=_eval)
 
@@ -201,8 +229,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen = commands.add_parser("generate", help="stream a continuation of a prompt")
     gen.add_argument("--model", required=True, help="checkpoint directory or preset name")
     source = gen.add_mutually_exclusive_group(required=True)
-    source.add_argument("--prompt", help="prompt text")
-    source.add_argument("--prompt-file", help="UTF-8 file holding the prompt")
+    source.add_argument("--prompt", help="prompt text; - reads it from stdin")
+    source.add_argument("--prompt-file", help="UTF-8 file holding the prompt; - for stdin")
     gen.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the "
                      "model directory's, else bytes)")  # fmt: skip
     gen.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")
@@ -210,28 +238,60 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--top-k", type=int, default=0, help="0 keeps all tokens")
     gen.add_argument("--top-p", type=float, default=1.0, help="nucleus mass; 1 keeps all")
     gen.add_argument("--repetition-penalty", type=float, default=1.0, help="1 is off")
-    gen.add_argument("--seed", type=int, help="sampling seed (and a preset's weights)")
+    gen.add_argument("--seed", type=int, help="seed of sampling and of a preset's weights "
+                     "(default: a fresh sampling seed each run, weights seed 0)")  # fmt: skip
     gen.add_argument("--stop", action="append", default=[], help="stop string (repeatable)")
     gen.add_argument("--stop-token-id", type=int, action="append", default=[],
                      help="stop token id (repeatable)")  # fmt: skip
     gen.add_argument("--ignore-eos", action="store_true", help="go on past end-of-text")
     gen.add_argument("--prefill-chunk", type=int, default=4096, help="tokens per prefill pass")
-    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32")
+    gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
+                     help="weight dtype")  # fmt: skip
     gen.add_argument("--device", default="cpu", help="torch device")
     gen.set_defaults(func=_generate)
     return parser
 
 
 def main(argv: list[str] | None = None) -> None:
-    """Entry point of the `lightlong` console script."""
-    args = build_parser().parse_args(argv)
+    """Entry point of the `lightlong` console script.
+
+    Every expected failure (a bad argument, config, file or checkpoint: ValueError and
+    OSError with a message naming what and why) prints one line and exits 2; a run stopped
+    by a signal exits 128 + its number. `--debug` shows the traceback instead."""
+    from lightlong.train.loop import NonFiniteLossError, TrainingInterrupted
+
+    argv = sys.argv[1:] if argv is None else list(argv)
+    debug = "--debug" in argv  # accepted anywhere on the line, not only before the command
+    args = build_parser().parse_args([a for a in argv if a != "--debug"])
+    args.debug = debug
+    if not debug:  # warnings as one line each, like errors
+        warnings.formatwarning = lambda message, *_, **__: f"lightlong: warning: {message}\n"
     if args.keep_freed_memory:
         keep_freed_memory()
     try:
         args.func(args)
-    except ValueError as e:
-        print(f"lightlong: error: {e}", file=sys.stderr)
+    except BrokenPipeError:  # the reader went away (`| head`): stop quietly, as cat does
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())
+        raise SystemExit(1) from None
+    except (ValueError, OSError, NonFiniteLossError) as e:
+        if args.debug:
+            raise
+        print(f"lightlong: error: {_describe_error(e)}", file=sys.stderr)
         raise SystemExit(2) from None
+    except KeyboardInterrupt as e:
+        if args.debug:
+            raise
+        signum = e.signum if isinstance(e, TrainingInterrupted) else signal.SIGINT
+        print(f"lightlong: interrupted: {e or 'SIGINT'}", file=sys.stderr)
+        raise SystemExit(128 + signum) from None
+
+
+def _describe_error(e: Exception) -> str:
+    """One line: the message, with the file an OSError names (e.g. "[Errno 13] Permission
+    denied: 'x'" becomes "x: permission denied")."""
+    if isinstance(e, OSError) and e.strerror and e.filename is not None:
+        return f"{e.filename}: {e.strerror.lower()}"
+    return str(e).splitlines()[0] if str(e) else type(e).__name__
 
 
 if __name__ == "__main__":

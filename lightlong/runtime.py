@@ -14,6 +14,10 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import functools
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
 
 _M_TRIM_THRESHOLD = -1
 _M_MMAP_MAX = -4
@@ -47,3 +51,25 @@ def release_freed_memory() -> None:
     libc = _glibc()
     if libc is not None and hasattr(libc, "malloc_trim"):
         libc.malloc_trim(0)
+
+
+def check_device(name: str | torch.device) -> torch.device:
+    """`name` as a torch device, or ValueError saying why it cannot be used here (CUDA or MPS
+    not available, a GPU index past the count, an unknown device type)."""
+    import torch
+
+    try:
+        device = torch.device(name)
+    except RuntimeError as e:
+        raise ValueError(f"device {str(name)!r}: {e}") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            build = "a CPU-only build" if torch.version.cuda is None else "no visible GPU"
+            raise ValueError(f"device {str(name)!r}: CUDA is not available ({build} of torch)")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {str(name)!r}: only {torch.cuda.device_count()} CUDA device(s)"
+            )
+    elif device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"device {str(name)!r}: MPS is not available")
+    return device

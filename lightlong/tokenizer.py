@@ -4,6 +4,9 @@
   `<|endoftext|>`.
 - `HFTokenizer` wraps a checkpoint directory's `tokenizer.json` (the `tokenizers` library).
 - `train_bpe` trains a byte-level BPE offline (`lightlong tokenizer train`).
+- `save_tokenizer` / `load_tokenizer` keep a tokenizer in a checkpoint directory:
+  `tokenizer.json` + `tokenizer_config.json`, or for bytes a `tokenizer_config.json` that
+  says so (`"lightlong_tokenizer": "bytes"`).
 - `IncrementalDecoder` turns a stream of ids into a stream of complete characters.
 
 Both tokenizers encode without adding special tokens and decode skipping them, so
@@ -13,6 +16,7 @@ Both tokenizers encode without adding special tokens and decode skipping them, s
 from __future__ import annotations
 
 import json
+import warnings
 from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
@@ -23,6 +27,7 @@ if TYPE_CHECKING:
 ENDOFTEXT = "<|endoftext|>"
 TOKENIZER_FILE = "tokenizer.json"
 CONFIG_FILE = "tokenizer_config.json"
+_BYTES_MARKER = {"lightlong_tokenizer": "bytes"}
 
 
 @runtime_checkable
@@ -164,19 +169,69 @@ def _read_config(file: Path) -> dict[str, Any] | None:
 def load_tokenizer(source: str | Path | None) -> Tokenizer:
     """The tokenizer for `source`.
 
-    None, or a directory without `tokenizer.json` (e.g. a checkpoint trained on bytes):
-    `ByteTokenizer()`. A directory with `tokenizer.json`, or a `.json` file: `HFTokenizer`.
+    None: `ByteTokenizer()`. A directory (a checkpoint) with `tokenizer.json`, or a `.json`
+    file: `HFTokenizer`; a directory whose `tokenizer_config.json` is the byte marker:
+    `ByteTokenizer()`; a directory with neither (a checkpoint from before tokenizers were
+    saved): `ByteTokenizer()` with a warning. A path that does not exist raises
+    FileNotFoundError; one that cannot be read as a tokenizer, ValueError naming it.
     """
     if source is None:
         return ByteTokenizer()
     path = Path(source)
     if not path.exists():
-        raise ValueError(f"tokenizer path does not exist: {path}")
+        raise FileNotFoundError(f"tokenizer path does not exist: {path}")
     if path.is_dir():
-        return HFTokenizer(path) if (path / TOKENIZER_FILE).is_file() else ByteTokenizer()
+        if (path / TOKENIZER_FILE).is_file():
+            return HFTokenizer(path)
+        config = _read_config(path / CONFIG_FILE)
+        kind = None if config is None else config.get("lightlong_tokenizer")
+        if kind == "bytes":
+            return ByteTokenizer()
+        if kind == "none":
+            why = f"was trained on token ids ({config.get('trained_on', 'no text')})"
+        elif config is not None:
+            raise ValueError(f"{path / CONFIG_FILE}: no {TOKENIZER_FILE} beside it")
+        else:
+            why = f"holds no tokenizer ({TOKENIZER_FILE} or {CONFIG_FILE})"
+        warnings.warn(
+            f"{path} {why}; reading text as UTF-8 bytes. If the model was trained on a "
+            "tokenizer, pass it (--tokenizer).",
+            stacklevel=2,
+        )
+        return ByteTokenizer()
     if path.suffix != ".json":
         raise ValueError(f"expected a directory or a tokenizer .json file, got {path}")
     return HFTokenizer(path)
+
+
+def save_tokenizer(tokenizer: Tokenizer | str, directory: str | Path) -> None:
+    """Writes `tokenizer` into `directory` so that `load_tokenizer(directory)` returns it:
+    `tokenizer.json` + `tokenizer_config.json` (which `transformers`' AutoTokenizer reads
+    too), or the byte marker. A string says the model was trained on token ids without a
+    tokenizer (e.g. "synthetic task recall"): loading it then warns."""
+    out = Path(directory)
+    if isinstance(tokenizer, str):
+        config: dict[str, Any] = {"lightlong_tokenizer": "none", "trained_on": tokenizer}
+    elif isinstance(tokenizer, ByteTokenizer):
+        config = dict(_BYTES_MARKER)
+    elif isinstance(tokenizer, HFTokenizer):
+        tok = tokenizer.tokenizer
+        tok.save(str(out / TOKENIZER_FILE))
+        config = _hf_config(
+            _token(tok, tokenizer.eos_token_id), _token(tok, tokenizer.bos_token_id)
+        )
+    else:
+        raise ValueError(f"cannot save a {type(tokenizer).__name__} (ByteTokenizer or HFTokenizer)")
+    (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
+
+
+def _token(tok: tokenizers.Tokenizer, token_id: int | None) -> str | None:
+    return None if token_id is None else tok.id_to_token(token_id)
+
+
+def _hf_config(eos: str | None, bos: str | None) -> dict[str, Any]:
+    """tokenizer_config.json; tokenizer_class lets transformers' AutoTokenizer load it too."""
+    return {"tokenizer_class": "PreTrainedTokenizerFast", "eos_token": eos, "bos_token": bos}
 
 
 def train_bpe(
@@ -220,14 +275,12 @@ def train_bpe(
     tok.train([str(p) for p in paths], trainer=trainer)
 
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ValueError(f"--out {out}: cannot create the directory ({e.strerror})") from None
     tok.save(str(out / TOKENIZER_FILE))
-    # tokenizer_class lets transformers' AutoTokenizer load the directory too
-    config = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        "eos_token": ENDOFTEXT,
-        "bos_token": None,
-    }
+    config = _hf_config(ENDOFTEXT, None)
     (out / CONFIG_FILE).write_text(json.dumps(config, indent=2) + "\n", encoding="utf-8")
     return HFTokenizer(out)
 

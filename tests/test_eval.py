@@ -22,7 +22,7 @@ from lightlong.eval.tasks import (
     string_match_all,
     string_match_part,
 )
-from lightlong.model.info import load_model
+from lightlong.model.source import load_model
 from lightlong.tokenizer import ByteTokenizer, train_bpe
 
 MRNIAH_DATA = Path(__file__).resolve().parents[2] / "shared" / "data" / "mr-niah"

@@ -25,7 +25,7 @@ from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
 from lightlong.eval.harness import LightlongLM
 from lightlong.infer import Engine, SamplingParams
-from lightlong.model.info import load_model
+from lightlong.model.source import load_model
 from lightlong.tokenizer import ByteTokenizer
 
 EOS = ByteTokenizer.eos_token_id

@@ -154,10 +154,12 @@ def test_malformed_config_json_is_named(tmp_path):
         HybridConfig.from_json(tmp_path / "config.json")
 
 
-def test_config_missing_field_is_named(tmp_path):
+def test_config_missing_required_field_is_named(tmp_path):
+    """attn_type_list has no released default (other missing fields take the released
+    defaults: tests/test_released_reference.py)."""
     raw = HybridConfig.from_preset("tiny").to_minimax_dict()
-    del raw["num_local_experts"]
-    with pytest.raises(ValueError, match="num_local_experts"):
+    del raw["attn_type_list"]
+    with pytest.raises(ValueError, match="attn_type_list"):
         HybridConfig.from_dict(raw)
 
 
@@ -404,3 +406,33 @@ def test_malformed_index_is_named(tmp_path):
 def test_bad_shard_size_is_named():
     with pytest.raises(ValueError, match="max_shard_size"):
         ckpt.parse_size("lots")
+
+
+def test_fp32_lm_head_computes_logits_and_loss_in_fp32():
+    """bf16 weights: the fp32 head's logits are float32 and nearer the float64 head's than
+    the bf16 head's; the loss and the gradient of the head follow the same path."""
+    torch.manual_seed(0)
+    model = HybridLM(tiny()).to(torch.bfloat16)
+    ids = torch.randint(0, 512, (1, 40))
+    with torch.no_grad():
+        low = model(ids).logits
+        model.fp32_lm_head = True
+        high = model(ids).logits
+    assert low.dtype == torch.bfloat16 and high.dtype == torch.float32
+    # the same forward up to the head: compare each head on the model's own hidden states
+    captured = {}
+    model.model.norm.register_forward_hook(lambda m, i, o: captured.setdefault("h", o))
+    with torch.no_grad():
+        model(ids)
+    h = captured["h"]
+    exact = h.double() @ model.lm_head.weight.double().T
+    bf16 = (h @ model.lm_head.weight.T).double()
+    assert rel(high.double(), exact) < rel(bf16, exact) / 10
+    out = model(ids, labels=ids, logits_to_keep=0)
+    assert out.lm_loss.dtype == torch.float32
+    out.loss.backward()
+    assert model.lm_head.weight.grad is not None and torch.isfinite(model.lm_head.weight.grad).all()
+
+
+def rel(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float((a - b).norm() / b.norm())

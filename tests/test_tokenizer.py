@@ -121,7 +121,7 @@ def test_load_tokenizer_picks_the_class(trained, tmp_path):
 
 
 def test_load_tokenizer_errors(tmp_path):
-    with pytest.raises(ValueError, match="does-not-exist"):
+    with pytest.raises(FileNotFoundError, match="does-not-exist"):
         load_tokenizer(tmp_path / "does-not-exist")
     (tmp_path / "tokenizer.json").write_text("{not json", encoding="utf-8")
     with pytest.raises(ValueError, match=r"tokenizer\.json"):

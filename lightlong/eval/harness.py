@@ -34,20 +34,28 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
-from lm_eval.api.instance import Instance
-from lm_eval.api.model import LM
-from lm_eval.api.registry import register_model
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 from tqdm import tqdm
+
+try:
+    from lm_eval.api.instance import Instance
+    from lm_eval.api.model import LM
+    from lm_eval.api.registry import register_model
+    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+except ImportError as e:
+    _MISSING = f"lightlong.eval.harness needs lm_eval ({e}): pip install 'lightlong[lm_eval]'"
+    if __name__ == "__main__":
+        print(f"lightlong: error: {_MISSING}", file=sys.stderr)
+        raise SystemExit(2) from None
+    raise ImportError(_MISSING) from e
 
 from lightlong.eval.logprobs import token_logprobs
 from lightlong.infer import Engine, SamplingParams
 from lightlong.model import HybridLM
-from lightlong.model.info import load_model
+from lightlong.model.source import load_model, load_model_tokenizer
+from lightlong.runtime import check_device
 from lightlong.tokenizer import Tokenizer, load_tokenizer
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
@@ -69,13 +77,11 @@ def _int_arg(value: Any, name: str, minimum: int) -> int:
 def _check_device(device: str) -> torch.device:
     """`device` as a torch.device, or a ValueError when this machine does not have it."""
     try:
-        torch.empty(0, device=device)
-    except (RuntimeError, AssertionError, ValueError) as e:
+        return check_device(device)
+    except ValueError as e:
         raise ValueError(
-            f"device {device!r} is not available here ({e}); lm_eval's CLI asks for cuda:0 "
-            "unless given --device, e.g. --device cpu"
+            f"{e}; lm_eval's CLI asks for cuda:0 unless given --device, e.g. --device cpu"
         ) from None
-    return torch.device(device)
 
 
 @register_model("lightlong")
@@ -115,7 +121,7 @@ class LightlongLM(LM):
         super().__init__()
         self.seed = _int_arg(seed, "seed", 0)
         if isinstance(pretrained, HybridLM):
-            model, source = pretrained, None
+            model = pretrained
         else:
             pretrained = str(pretrained)  # `--model_args` turns a name like "123" into an int
             if dtype not in DTYPES:
@@ -123,10 +129,12 @@ class LightlongLM(LM):
             model = load_model(
                 pretrained, dtype=DTYPES[dtype], device=_check_device(device), seed=self.seed
             )
-            source = pretrained if Path(pretrained).is_dir() else None
         self.model = model.eval()
         self._device = self.model.lm_head.weight.device
-        self.tokenizer: Tokenizer = load_tokenizer(tokenizer if tokenizer is not None else source)
+        if isinstance(pretrained, HybridLM):
+            self.tokenizer: Tokenizer = load_tokenizer(tokenizer)
+        else:
+            self.tokenizer = load_model_tokenizer(pretrained, tokenizer)
 
         limit = self.model.config.max_position_embeddings
         if max_length is None:

@@ -202,25 +202,16 @@ def summarize(records: list[dict]) -> dict:
 
 def load(cfg: EvalConfig):
     """(model or None for the oracle, tokenizer) for the config."""
-    from lightlong.model.info import load_model
+    from lightlong.model.source import load_model, load_model_tokenizer
+    from lightlong.runtime import check_device
     from lightlong.tokenizer import load_tokenizer
-    from lightlong.train.checkpoint import complete_checkpoints
 
-    model_path = Path(cfg.model)
-    if model_path.is_dir() and not (model_path / "config.json").is_file():
-        runs = complete_checkpoints(model_path)
-        if not runs:
-            raise ValueError(
-                f"model {cfg.model}: no config.json and no complete step-N checkpoint in it"
-            )
-        model_path = runs[-1]
-    source = cfg.tokenizer or (str(model_path) if model_path.is_dir() else None)
-    tokenizer = load_tokenizer(source)
     if cfg.model == ORACLE:
-        return None, tokenizer
+        return None, load_tokenizer(cfg.tokenizer or None)
+    tokenizer = load_model_tokenizer(cfg.model, cfg.tokenizer or None)
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
-    name = str(model_path) if model_path.is_dir() else cfg.model
-    return load_model(name, dtype=dtype, device=cfg.device).eval(), tokenizer
+    device = check_device(cfg.device)
+    return load_model(cfg.model, dtype=dtype, device=device).eval(), tokenizer
 
 
 def run_eval(task_name: str, cfg: EvalConfig, *, quiet: bool = False) -> dict:
@@ -347,32 +338,15 @@ def heatmap_matrix(report: dict) -> tuple[list[int], list[float], np.ndarray]:
     return lengths, depths, m
 
 
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def plot_report(report: dict, path: Path) -> None:
     """The task's PNG: heatmap (tasks with depths), score vs length, or loss vs position."""
-    plt = _pyplot()
+    from lightlong.plot import pyplot, save, series, tidy
+
+    plt = pyplot()
     title = f"{report['task']} — {report['model']}"
-    if report["task"] == "perplexity":
-        fig, ax = plt.subplots(figsize=(7, 4))
-        mids = [math.sqrt(a * b) for a, b in report["bins"]]
-        ax.plot(mids, [np.nan if x is None else x for x in report["loss"]], "o-", ms=3)
-        if report["config"]["train_length"]:
-            ax.axvline(report["config"]["train_length"], color="gray", ls="--",
-                       label="training length")  # fmt: skip
-            ax.legend()
-        ax.set_xscale("log")
-        ax.set_xlabel("token position")
-        ax.set_ylabel("loss (nats)")
-        ax.grid(True, alpha=0.3)
-    elif report["uses_depth"] and all(c["depth"] is not None for c in report["cells"]):
+    heatmap = report["task"] != "perplexity" and report["uses_depth"]
+    if heatmap and all(c["depth"] is not None for c in report["cells"]):
+        # A fixed layout (HEATMAP_*), so that a cell's pixels are where the tests look.
         lengths, depths, m = heatmap_matrix(report)
         fig = plt.figure(figsize=HEATMAP_FIGSIZE, dpi=HEATMAP_DPI)
         ax = fig.add_axes(HEATMAP_AXES)
@@ -386,28 +360,43 @@ def plot_report(report: dict, path: Path) -> None:
         ax.set_xlabel("prompt length (tokens)")
         ax.set_ylabel("needle depth")
         fig.colorbar(image, cax=fig.add_axes((0.86, 0.14, 0.03, 0.76)), label=report["metric"])
+        ax.set_title(title, fontsize=9)
+        fig.savefig(path, dpi=HEATMAP_DPI)
+        plt.close(fig)
+        return
+    fig, ax = plt.subplots(figsize=(7, 4))
+    if report["task"] == "perplexity":
+        mids = [math.sqrt(a * b) for a, b in report["bins"]]
+        ax.plot(mids, [np.nan if x is None else x for x in report["loss"]], ms=3, **series(0))
+        if report["config"]["train_length"]:
+            ax.axvline(report["config"]["train_length"], color="gray", ls="--",
+                       label="training length")  # fmt: skip
+            ax.legend()
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel("token position")
+        ax.set_ylabel("loss (nats)")
     else:
-        fig, ax = plt.subplots(figsize=(7, 4))
         lengths = [int(n) for n in report["by_length"]]
-        ax.plot(lengths, list(report["by_length"].values()), "o-")
+        ax.plot(lengths, list(report["by_length"].values()), **series(0))
         ax.set_xscale("log", base=2)
         ax.set_ylim(-0.02, 1.02)
         ax.set_xlabel("prompt length (tokens)")
         ax.set_ylabel(report["metric"])
-        ax.grid(True, alpha=0.3)
+    ax.grid(True, alpha=0.3)
     ax.set_title(title, fontsize=9)
-    fig.savefig(path, dpi=HEATMAP_DPI)
-    plt.close(fig)
+    tidy(ax)
+    save(fig, path, dpi=HEATMAP_DPI)
 
 
 def plot_summary(summary: dict, path: Path) -> None:
     """Score vs length for every generation task in the summary."""
-    plt = _pyplot()
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    from lightlong.plot import pyplot, save, series, tidy
+
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
     for i, (name, t) in enumerate(summary["tasks"].items()):
         if "by_length" in t:
             lengths = [int(n) for n in t["by_length"]]
-            ax.plot(lengths, list(t["by_length"].values()), "o-", color=f"C{i % 10}", label=name)
+            ax.plot(lengths, list(t["by_length"].values()), label=name, **series(i))
     ax.set_xscale("log", base=2)
     ax.set_ylim(-0.02, 1.02)
     ax.set_xlabel("prompt length (tokens)")
@@ -415,6 +404,5 @@ def plot_summary(summary: dict, path: Path) -> None:
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=7)
     ax.set_title(f"lightlong eval all — {summary['config']['model']}", fontsize=9)
-    fig.tight_layout()
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    tidy(ax)
+    save(fig, path)

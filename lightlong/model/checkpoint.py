@@ -1,8 +1,12 @@
-"""Checkpoints in MiniMax-Text-01's Hugging Face layout: `config.json` + safetensors shards.
+"""Checkpoints in MiniMax-Text-01's Hugging Face layout: `config.json` + safetensors shards,
+with the tokenizer and `generation_config.json` beside them.
 
 Loads the released layout (our parameter names are its keys) and `transformers`' layout
 (`mlp.*` for `block_sparse_moe.*`, experts fused as `gate_up_proj` [E, 2I, D] and `down_proj`
 [E, D, I], derived decay buffers), one shard at a time. Saves the released layout atomically.
+
+A training run directory holds `step-N/` checkpoints, each complete once its `COMPLETE`
+marker is written; `resolve_checkpoint` turns a run directory into its newest one.
 """
 
 from __future__ import annotations
@@ -16,15 +20,29 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import torch
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor
 
 from lightlong.model.config import CONFIG_FORMATS, HybridConfig
 from lightlong.model.hybrid import HybridLM
+from lightlong.tokenizer import ByteTokenizer, Tokenizer, save_tokenizer
 
 INDEX_FILE = "model.safetensors.index.json"
 SINGLE_FILE = "model.safetensors"
+CONFIG_FILE = "config.json"
+GENERATION_FILE = "generation_config.json"
+MARKER = "COMPLETE"
+"""Written last into a training run's step-N/ checkpoint."""
+STATE_FILE = "trainer_state.pt"
+"""The trainer state of a step-N/ checkpoint (optimizer, scheduler, RNG, data, counters)."""
+_STEP_DIR = re.compile(r"^step-(\d+)$")
+
+
+class CheckpointError(ValueError):
+    """A checkpoint directory or file that cannot be read: the message names the file."""
+
+
 # transformers' MiniMax also saves what it derives from the config; recognised, not loaded
 _DERIVED_BUFFERS = ("slope_rate", "query_decay", "key_decay", "diagonal_decay")
 _HF_EXPERTS = re.compile(r"^(model\.layers\.\d+)\.mlp\.experts\.(gate_up_proj|down_proj)$")
@@ -49,14 +67,48 @@ def _checkpoint_files(path: Path) -> list[Path]:
             index = json.loads((path / INDEX_FILE).read_text())
             files = sorted(set(index["weight_map"].values()))
         except (json.JSONDecodeError, KeyError, AttributeError, TypeError) as e:
-            raise ValueError(f"{path / INDEX_FILE}: malformed index ({e})") from None
+            raise CheckpointError(f"{path / INDEX_FILE}: malformed index ({e})") from None
         missing = [f for f in files if not (path / f).exists()]
         if missing:
-            raise ValueError(f"{path / INDEX_FILE} names shards that do not exist: {missing}")
+            raise CheckpointError(f"{path / INDEX_FILE} names shards that do not exist: {missing}")
         return [path / f for f in files]
     if (path / SINGLE_FILE).exists():
         return [path / SINGLE_FILE]
-    raise ValueError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
+    raise CheckpointError(f"{path}: no {SINGLE_FILE} or {INDEX_FILE}")
+
+
+def complete_checkpoints(run_dir: str | Path) -> list[Path]:
+    """Complete `step-N/` checkpoints (COMPLETE marker and trainer state) under a training
+    run directory, oldest first."""
+    out = Path(run_dir)
+    if not out.is_dir():
+        return []
+    found = []
+    for p in out.iterdir():
+        m = _STEP_DIR.match(p.name)
+        if m and p.is_dir() and (p / MARKER).is_file() and (p / STATE_FILE).is_file():
+            found.append((int(m.group(1)), p))
+    return [p for _, p in sorted(found)]
+
+
+def resolve_checkpoint(path: str | Path) -> Path:
+    """The checkpoint directory `path` names: itself when it holds config.json, else (a
+    training run directory) its newest complete `step-N/`. FileNotFoundError when `path`
+    does not exist, CheckpointError when it is neither."""
+    path = Path(path)
+    if not path.exists():
+        raise FileNotFoundError(f"{path}: no such checkpoint or run directory")
+    if not path.is_dir():
+        raise CheckpointError(f"{path}: expected a checkpoint directory (with {CONFIG_FILE})")
+    if (path / CONFIG_FILE).is_file():
+        return path
+    runs = complete_checkpoints(path)
+    if runs:
+        return runs[-1]
+    raise CheckpointError(
+        f"{path}: no {CONFIG_FILE} and no complete step-N/ checkpoint in it; expected a "
+        f"checkpoint directory ({CONFIG_FILE} + {SINGLE_FILE}) or a training run directory"
+    )
 
 
 def _released_tensors(name: str, t: Tensor) -> Iterator[tuple[str, Tensor]]:
@@ -83,16 +135,16 @@ def load_pretrained(
 ) -> HybridLM:
     """Builds the model on the meta device, then fills it shard by shard.
 
-    dtype None keeps the checkpoint's dtype. Missing, unexpected or mis-shaped tensors raise
-    ValueError naming the key (and both shapes).
+    `path` is a checkpoint directory or a training run directory (its newest complete
+    step-N/). dtype None keeps the checkpoint's dtype. A missing directory raises
+    FileNotFoundError; a missing, malformed or truncated file, and missing, unexpected or
+    mis-shaped tensors, raise CheckpointError (a ValueError) naming the file and key.
     """
-    path = Path(path)
-    if not path.is_dir():
-        raise ValueError(f"{path}: not a checkpoint directory")
-    config = HybridConfig.from_json(path / "config.json")
+    path = resolve_checkpoint(path)
+    config = HybridConfig.from_json(path / CONFIG_FILE)
     files = _checkpoint_files(path)
     if dtype is None:
-        with safe_open(files[0], "pt") as f:
+        with _open_safetensors(files[0]) as f:
             keys = list(f.keys())
             dtype = f.get_slice(keys[0]).get_dtype() if keys else "F32"
         dtype = _SAFETENSORS_DTYPES.get(dtype, torch.float32)
@@ -104,16 +156,23 @@ def load_pretrained(
     params = dict(model.named_parameters())
     loaded: set[str] = set()
     for file in files:
-        with safe_open(file, "pt", device="cpu") as f:
+        with _open_safetensors(file) as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
                 if key.rsplit(".", 1)[-1] in _DERIVED_BUFFERS:
                     continue
-                for name, t in _released_tensors(key, f.get_tensor(key)):
+                try:
+                    tensor = f.get_tensor(key)
+                except SafetensorError as e:
+                    raise CheckpointError(f"{file}: cannot read tensor {key!r} ({e})") from None
+                for name, t in _released_tensors(key, tensor):
                     if name not in params:
-                        raise ValueError(f"{file.name}: unexpected tensor {key!r} ({name!r})")
+                        raise CheckpointError(
+                            f"{file.name}: unexpected tensor {key!r} ({name!r}); is "
+                            f"{path / CONFIG_FILE} the config of these weights?"
+                        )
                     p = params[name]
                     if tuple(t.shape) != tuple(p.shape):
-                        raise ValueError(
+                        raise CheckpointError(
                             f"{file.name}: tensor {key!r} has shape {tuple(t.shape)}, the model "
                             f"expects {tuple(p.shape)} for {name!r}"
                         )
@@ -127,8 +186,18 @@ def load_pretrained(
         shown = ", ".join(missing[:8]) + (
             f" and {len(missing) - 8} more" if len(missing) > 8 else ""
         )
-        raise ValueError(f"{path}: checkpoint lacks tensors for {shown}")
+        raise CheckpointError(f"{path}: checkpoint lacks tensors for {shown}")
     return model
+
+
+def _open_safetensors(file: Path):
+    """safe_open, with a truncated or foreign file reported as CheckpointError."""
+    try:
+        return safe_open(file, "pt", device="cpu")
+    except (SafetensorError, OSError) as e:
+        raise CheckpointError(
+            f"{file}: not a readable safetensors file ({e}); it may be truncated"
+        ) from None
 
 
 _SAFETENSORS_DTYPES = {
@@ -143,19 +212,26 @@ def save_pretrained(
     model: HybridLM,
     path: str | Path,
     *,
+    tokenizer: Tokenizer | str | None = None,
     max_shard_size: int | str = "5GB",
     config_format: str = "minimax",
 ) -> None:
-    """Writes config.json and safetensors shards (released weight names), atomically.
+    """Writes config.json, safetensors shards (released weight names), the tokenizer and
+    generation_config.json, atomically.
 
     config_format "minimax" writes the released config; "transformers" writes `transformers`'
-    MiniMax config, which its `from_pretrained` reads (it converts the released weight names).
+    MiniMax config, which its `from_pretrained` reads (it converts the released weight names);
+    a model `transformers` would run differently is refused (ValueError naming the field).
+    tokenizer None writes the UTF-8 byte tokenizer's marker (what `load_tokenizer` then
+    returns) when vocab_size holds its 257 ids, else says none was given; a string says
+    what token ids the model was trained on without a tokenizer
+    (`lightlong.tokenizer.save_tokenizer`).
 
     Everything goes to a temporary sibling directory first, which then replaces `path` by
     rename: a crash leaves either the previous checkpoint or the new one, never a mix.
     """
-    save_weights(model.config, model.state_dict(), path, max_shard_size=max_shard_size,
-                 config_format=config_format)  # fmt: skip
+    save_weights(model.config, model.state_dict(), path, tokenizer=tokenizer,
+                 max_shard_size=max_shard_size, config_format=config_format)  # fmt: skip
 
 
 def save_weights(
@@ -163,14 +239,29 @@ def save_weights(
     state_dict: dict[str, Tensor],
     path: str | Path,
     *,
+    tokenizer: Tokenizer | str | None = None,
     max_shard_size: int | str = "5GB",
     config_format: str = "minimax",
+    extra_files: dict[str, bytes] | None = None,
 ) -> None:
-    """`save_pretrained` from a config and a state dict (e.g. gathered from shards)."""
+    """`save_pretrained` from a config and a state dict (e.g. gathered from shards);
+    `extra_files` (name -> bytes) are written into the same directory before it is renamed
+    into place."""
     path = Path(path)
     limit = parse_size(max_shard_size)
     if config_format not in CONFIG_FORMATS:
         raise ValueError(f"config_format must be one of {CONFIG_FORMATS}, got {config_format!r}")
+    if config_format == "transformers":
+        config.to_hf_dict()  # refuses what transformers' MiniMax cannot represent
+    if tokenizer is None:  # lightlong's default, when the vocabulary holds it
+        bytes_fit = config.vocab_size >= ByteTokenizer.vocab_size
+        tokenizer = ByteTokenizer() if bytes_fit else "no tokenizer given"
+    special = tokenizer if not isinstance(tokenizer, str) else None
+    if special is not None and special.vocab_size > config.vocab_size:
+        raise ValueError(
+            f"tokenizer has {special.vocab_size} ids, more than the model's vocab_size "
+            f"{config.vocab_size}"
+        )
     state = {
         k: v.detach().contiguous().cpu()
         for k, v in state_dict.items()
@@ -186,10 +277,19 @@ def save_weights(
         shards[-1][key] = t
         size += nbytes
 
-    path.parent.mkdir(parents=True, exist_ok=True)
+    ensure_writable_dir(path.parent)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        config.save_json(tmp / "config.json", format=config_format)
+        umask = _umask()
+        tmp.chmod(0o777 & ~umask)  # mkdtemp's 0700 would hide the checkpoint from others
+        config.save_json(tmp / CONFIG_FILE, format=config_format)
+        save_tokenizer(tokenizer, tmp)
+        eos = None if special is None else special.eos_token_id
+        generation = {"bos_token_id": None if special is None else special.bos_token_id,
+                      "eos_token_id": eos, "pad_token_id": eos}  # fmt: skip
+        (tmp / GENERATION_FILE).write_text(json.dumps(generation, indent=2) + "\n")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
         if len(shards) == 1:
             save_file(shards[0], tmp / SINGLE_FILE, metadata={"format": "pt"})
         else:
@@ -201,6 +301,8 @@ def save_weights(
             total = sum(t.numel() * t.element_size() for t in state.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        for f in tmp.iterdir():  # safetensors creates its files 0600
+            f.chmod(0o666 & ~umask)
         _fsync_dir(tmp)
         if path.exists():
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
@@ -212,6 +314,38 @@ def save_weights(
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def ensure_writable_dir(path: Path, *, create: bool = True) -> None:
+    """Makes sure `path` is (create: becomes) a writable directory; ValueError naming it
+    (or the file in its way) otherwise. create=False checks without creating anything:
+    the nearest existing ancestor must be a writable directory."""
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if not existing.is_dir():
+        raise ValueError(f"{path}: {existing} exists and is not a directory")
+    if not os.access(existing, os.W_OK | os.X_OK):
+        raise ValueError(f"{path}: {existing} is not writable")
+    if create:
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ValueError(f"{path}: cannot create the directory ({e.strerror})") from None
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where Linux shows it (/proc); else
+    set and put back at once, the only portable way."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except OSError:
+        pass
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_dir(path: Path) -> None:

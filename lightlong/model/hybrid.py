@@ -7,8 +7,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
@@ -21,6 +23,9 @@ from lightlong.ops.loss import (
     linear_cross_entropy_reference,
 )
 from lightlong.ops.varlen import check_cu_seqlens
+
+if TYPE_CHECKING:
+    from lightlong.tokenizer import Tokenizer
 
 
 @dataclass
@@ -59,6 +64,10 @@ class HybridLM(nn.Module):
         self.init_weights()
         self.gradient_checkpointing = False
         """Recompute each layer in the backward instead of keeping its activations."""
+        self.fp32_lm_head = False
+        """Compute the LM head (logits and loss) in fp32 from low-precision weights and
+        hidden states: MiniMax-M1 found bf16 logits skew token probabilities enough to break
+        RL; costs one fp32 copy of the head per call."""
 
     def tie_weights(self) -> None:
         """Shares the embedding with the LM head when the config says so (again after
@@ -149,18 +158,17 @@ class HybridLM(nn.Module):
         else:
             cache.advance(T)
         h = self.model.norm(x)
+        head = self.lm_head.weight
+        if self.fp32_lm_head:
+            h, head = h.float(), head.float()
 
-        out = LMOutput(logits=self.lm_head(_keep(h, logits_to_keep)), aux_loss=aux)
+        out = LMOutput(logits=F.linear(_keep(h, logits_to_keep), head), aux_loss=aux)
         if labels is not None:
             targets = _next_token_targets(labels, cu_seqlens)
             if logits_to_keep is None:  # the logits are built anyway: the plain loss
-                out.lm_loss = linear_cross_entropy_reference(
-                    h[:, :-1].flatten(0, 1), self.lm_head.weight, targets
-                )
+                out.lm_loss = linear_cross_entropy_reference(h[:, :-1].flatten(0, 1), head, targets)
             else:  # no [T, V] logits: the head and the loss run chunk by chunk
-                out.lm_loss = linear_cross_entropy(
-                    h[:, :-1].flatten(0, 1), self.lm_head.weight, targets
-                )
+                out.lm_loss = linear_cross_entropy(h[:, :-1].flatten(0, 1), head, targets)
             out.loss = out.lm_loss if aux is None else out.lm_loss + c.router_aux_loss_coef * aux
         return out
 
@@ -173,19 +181,27 @@ class HybridLM(nn.Module):
         device: str | torch.device = "cpu",
     ) -> HybridLM:
         """Loads a directory with config.json + model.safetensors (or a sharded index), in
-        MiniMax-Text-01's released layout or `transformers`' MiniMax layout."""
+        MiniMax-Text-01's released layout or `transformers`' MiniMax layout, or a training
+        run directory's newest complete checkpoint."""
         from lightlong.model.checkpoint import load_pretrained
 
         return load_pretrained(path, dtype=dtype, device=device)
 
     def save_pretrained(
-        self, path: str | Path, *, max_shard_size: int | str = "5GB", config_format: str = "minimax"
+        self,
+        path: str | Path,
+        *,
+        tokenizer: Tokenizer | str | None = None,
+        max_shard_size: int | str = "5GB",
+        config_format: str = "minimax",
     ) -> None:
-        """Writes config.json ("minimax": released; "transformers") and safetensors shards
-        with the released weight names, atomically."""
+        """Writes config.json ("minimax": released; "transformers"), safetensors shards with
+        the released weight names, the tokenizer (None: UTF-8 bytes) and
+        generation_config.json, atomically."""
         from lightlong.model.checkpoint import save_pretrained
 
-        save_pretrained(self, path, max_shard_size=max_shard_size, config_format=config_format)
+        save_pretrained(self, path, tokenizer=tokenizer, max_shard_size=max_shard_size,
+                        config_format=config_format)  # fmt: skip
 
     def param_count(self) -> dict[str, int]:
         """Parameters: total, embedding (input + untied output), and active per token.

@@ -2,43 +2,10 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
 import torch
 
-from lightlong.model.config import LAYER_LETTERS, PRESETS, HybridConfig
+from lightlong.model.config import LAYER_LETTERS, HybridConfig
 from lightlong.model.hybrid import HybridLM
-
-
-def resolve_config(name_or_dir: str) -> HybridConfig:
-    """A preset name, a checkpoint directory holding config.json, or a config .json file."""
-    path = Path(name_or_dir)
-    if path.is_dir():
-        return HybridConfig.from_json(path / "config.json")
-    if path.suffix == ".json" and path.is_file():
-        return HybridConfig.from_json(path)
-    if name_or_dir in PRESETS:
-        return HybridConfig.from_preset(name_or_dir)
-    raise ValueError(
-        f"{name_or_dir!r} is neither a checkpoint directory, a config .json file nor a "
-        f"preset; presets: {sorted(PRESETS)}"
-    )
-
-
-def load_model(
-    name_or_dir: str,
-    *,
-    dtype: torch.dtype | None = None,
-    device: str | torch.device = "cpu",
-    seed: int = 0,
-) -> HybridLM:
-    """A checkpoint directory's model, or a preset or config .json file with seeded random
-    weights (to train, or to try things out and benchmark; it generates noise)."""
-    if Path(name_or_dir).is_dir():
-        return HybridLM.from_pretrained(name_or_dir, dtype=dtype, device=device)
-    config = resolve_config(name_or_dir)
-    torch.manual_seed(seed)
-    return HybridLM(config).to(device=device, dtype=dtype)
 
 
 def train_flops_per_token(config: HybridConfig, seq_len: int) -> float:
@@ -85,13 +52,21 @@ def memory_plan(config: HybridConfig, context: int, batch: int, dtype: torch.dty
 
 
 def describe(config: HybridConfig, context: int, batch: int, dtype: torch.dtype) -> str:
-    """Human-readable summary."""
+    """Human-readable summary: parameter counts in K/M/B/T, memory in the binary unit that
+    fits (KiB ... TiB)."""
+    from lightlong.units import count, size
+
     plan = memory_plan(config, context, batch, dtype)
     p = plan["params"]
     legend = ", ".join(f"{LAYER_LETTERS[t]} {t}" for t in dict.fromkeys(config.layer_types))
-    gib = 2**30
-    total = plan["weights_bytes"] + plan["lightning_state_bytes"] + plan["softmax_kv_bytes"]
-    total += plan["local_kv_bytes"]
+    memory = [
+        ("weights", plan["weights_bytes"], ""),
+        ("lightning", plan["lightning_state_bytes"], "fp32 states, same at any T"),
+        *([("local KV", plan["local_kv_bytes"], "window/diag, same at any T")]
+          if plan["local_kv_bytes"] else []),
+        ("softmax KV", plan["softmax_kv_bytes"], "grows with T"),
+    ]  # fmt: skip
+    memory.append(("total", sum(n for _, n, _ in memory), ""))
     lines = [
         f"layers           {config.num_layers}: {config.pattern}  ({legend})",
         f"width            hidden {config.hidden_size}, heads {config.num_heads} x "
@@ -100,21 +75,10 @@ def describe(config: HybridConfig, context: int, batch: int, dtype: torch.dtype)
         f"moe              {config.num_experts} experts, top-{config.experts_per_token}, "
         f"expert size {config.intermediate_size}",
         f"vocab            {config.vocab_size}",
-        f"parameters       total {p['total'] / 1e9:.3f}B, active/token {p['active'] / 1e9:.3f}B "
-        f"(without {p['embedding'] / 1e9:.3f}B embedding/LM head)",
+        f"parameters       total {count(p['total'])}, active/token {count(p['active'])} "
+        f"(without {count(p['embedding'])} embedding/LM head)",
         f"memory at T={context:,}, batch {batch}, {str(dtype).removeprefix('torch.')} weights:",
-        f"  weights        {plan['weights_bytes'] / gib:10.2f} GiB",
-        f"  lightning      {plan['lightning_state_bytes'] / gib:10.4f} GiB  (fp32 states, "
-        f"same at any T)",
-        *(
-            [
-                f"  local KV       {plan['local_kv_bytes'] / gib:10.4f} GiB  (window/diag, same "
-                "at any T)"
-            ]
-            if plan["local_kv_bytes"]
-            else []
-        ),
-        f"  softmax KV     {plan['softmax_kv_bytes'] / gib:10.2f} GiB  (grows with T)",
-        f"  total          {total / gib:10.2f} GiB",
-    ]
+        *(f"  {name:<13}{size(n):>11}" + (f"  ({note})" if note else "")
+          for name, n, note in memory),
+    ]  # fmt: skip
     return "\n".join(lines)

@@ -229,6 +229,7 @@ def train_run(cfg: AblateConfig, variant: str, lr: float, seed: int) -> dict:
     t0 = time.perf_counter()
     trainer = Trainer(tc)
     final = trainer.fit()
+    trainer.raise_if_stopped(tc.out_dir)
     seconds = time.perf_counter() - t0
     metrics = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
     # Rate over the logged windows after the first (which holds the warm-up).
@@ -320,40 +321,39 @@ def format_ablation(report: dict) -> str:
 
 
 def _plot(report: dict, out: Path) -> None:
-    import matplotlib
+    from lightlong.plot import bars, pyplot, save, series, tidy
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    a = report["ablate"]
     results = report["results"]
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (name, r) in enumerate(results.items()):
-        ax.plot(*zip(*r["curve"], strict=True), color=f"C{i}",
-                label=f"{name} ({r['layers']}, lr {r['lr']:g})")  # fmt: skip
-    ax.set_xlabel(f"step (seed {report['ablate']['seeds'][0]})")
+        ax.plot(*zip(*r["curve"], strict=True), label=f"{name} ({r['layers']}, lr {r['lr']:g})",
+                **series(i, dense=True))  # fmt: skip
+    ax.set_xlabel(f"step (seed {a['seeds'][0]})")
     ax.set_ylabel("training loss")
     ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=110)
-    plt.close(fig)
+    ax.set_title(f"{out.resolve().name} — {a['preset']} variants, step {a['steps']}", fontsize=9)
+    tidy(ax)
+    save(fig, out / "loss.png")
 
     names = list(next(iter(results.values()))["retrieval"])
-    bars = [(p, n) for p in names for n in report["lengths"]]
+    columns = [(p, n) for p in names for n in report["lengths"]]
     fig, ax = plt.subplots(figsize=(7, 4))
     width = 0.8 / len(results)
     for i, (name, r) in enumerate(results.items()):
-        cells = [r["retrieval"][p][str(n)] for p, n in bars]
-        xs = [j + i * width for j in range(len(bars))]
+        cells = [r["retrieval"][p][str(n)] for p, n in columns]
+        xs = [j + i * width for j in range(len(columns))]
         ax.bar(xs, [c["mean"] for c in cells], width, yerr=[c["std"] for c in cells],
-               capsize=2, color=f"C{i}", label=name)  # fmt: skip
-    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(bars))],
-                  [f"{p} @ {n}" for p, n in bars])  # fmt: skip
+               capsize=2, label=name, **bars(i))  # fmt: skip
+    ax.set_xticks([j + 0.4 - width / 2 for j in range(len(columns))],
+                  [f"{p} @ {n}" for p, n in columns])  # fmt: skip
     ax.set_ylim(0, 1.05)
-    ax.set_ylabel(f"answer accuracy (test, mean ± std of {len(report['ablate']['seeds'])} seeds)")
+    ax.set_ylabel(f"answer accuracy (test, mean ± std of {len(a['seeds'])} seeds)")
     ax.grid(True, axis="y", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "retrieval.png", dpi=110)
-    plt.close(fig)
+    ax.set_title(f"{out.resolve().name} — {a['preset']} variants, step {a['steps']}", fontsize=9)
+    tidy(ax)
+    save(fig, out / "retrieval.png")

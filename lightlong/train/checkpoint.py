@@ -10,19 +10,24 @@ hidden partial directory, which resume ignores.
 from __future__ import annotations
 
 import os
-import re
+import pickle
 import shutil
+import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import torch
 from torch import Tensor
 
 from lightlong.model import HybridConfig
-from lightlong.model.checkpoint import save_weights
-
-MARKER = "COMPLETE"
-STATE_FILE = "trainer_state.pt"
-_STEP_DIR = re.compile(r"^step-(\d+)$")
+from lightlong.model.checkpoint import (
+    MARKER,
+    STATE_FILE,
+    CheckpointError,
+    complete_checkpoints,
+    save_weights,
+)
+from lightlong.tokenizer import Tokenizer
 
 
 def save_checkpoint(
@@ -32,16 +37,15 @@ def save_checkpoint(
     weights: dict[str, Tensor],
     state: dict,
     keep_last: int = 0,
+    tokenizer: Tokenizer | str | None = None,
 ) -> Path:
-    """Writes out_dir/step-{step}/ (the model's config and weights, the trainer state)
-    atomically; then keeps only the newest `keep_last` complete checkpoints (0 keeps all).
-    Returns the checkpoint's path."""
+    """Writes out_dir/step-{step}/ (the model's config, weights and tokenizer, the trainer
+    state) atomically; then keeps only the newest `keep_last` complete checkpoints (0 keeps
+    all). Returns the checkpoint's path."""
     out = Path(out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     final = out / f"step-{step}"
     tmp = out / f".step-{step}.partial-{os.getpid()}"
-    shutil.rmtree(tmp, ignore_errors=True)
-    save_weights(config, weights, tmp)
+    save_weights(config, weights, tmp, tokenizer=tokenizer)  # creates out_dir, or says why not
     torch.save(state, tmp / STATE_FILE)
     (tmp / MARKER).write_text(f"{step}\n")
     if final.exists():
@@ -53,33 +57,32 @@ def save_checkpoint(
     return final
 
 
-def complete_checkpoints(out_dir: str | Path) -> list[Path]:
-    """Complete `step-N/` directories under out_dir, oldest first."""
-    out = Path(out_dir)
-    if not out.is_dir():
-        return []
-    found = []
-    for p in out.iterdir():
-        m = _STEP_DIR.match(p.name)
-        if m and p.is_dir() and (p / MARKER).is_file() and (p / STATE_FILE).is_file():
-            found.append((int(m.group(1)), p))
-    return [p for _, p in sorted(found)]
-
-
-def resolve_resume(resume: str, out_dir: str | Path) -> Path | None:
-    """The checkpoint to resume from: "" none, "auto" the newest complete one under
-    out_dir (None if there is none), else a path that must be a complete checkpoint."""
+def resume_candidates(resume: str, out_dir: str | Path) -> Iterator[Path]:
+    """The checkpoints to try resuming from, in order: "" none, "auto" the complete ones
+    under out_dir newest first (a caller moves on to the next when one fails to load), else
+    the one path given, which must be a complete checkpoint."""
     if not resume:
-        return None
+        return iter(())
     if resume == "auto":
-        found = complete_checkpoints(out_dir)
-        return found[-1] if found else None
+        return reversed(complete_checkpoints(out_dir))
     path = Path(resume)
+    if not path.is_dir():
+        raise FileNotFoundError(f"resume: {path} does not exist")
     if not (path / MARKER).is_file() or not (path / STATE_FILE).is_file():
-        raise ValueError(f"resume: {path} is not a complete checkpoint (no {MARKER} marker)")
-    return path
+        raise ValueError(
+            f"resume: {path} is not a complete checkpoint (no {MARKER} marker or {STATE_FILE})"
+        )
+    return iter((path,))
 
 
 def load_trainer_state(path: str | Path) -> dict:
-    """The trainer state saved with a checkpoint."""
-    return torch.load(Path(path) / STATE_FILE, map_location="cpu", weights_only=False)
+    """The trainer state saved with a checkpoint; CheckpointError when the file is truncated
+    or not a trainer state."""
+    file = Path(path) / STATE_FILE
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+        raise CheckpointError(f"{file}: cannot read the trainer state ({e})") from None
+    if not isinstance(state, dict) or "step" not in state:
+        raise CheckpointError(f"{file}: not a trainer state")
+    return state

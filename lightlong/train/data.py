@@ -245,23 +245,33 @@ def read_documents(files: Sequence[str | Path], field: str = "text") -> Iterator
     file. Errors name the file (and line)."""
     for f in map(Path, files):
         if not f.is_file():
-            raise ValueError(f"data file {f} does not exist")
-        if f.suffix == ".txt":
-            yield f.read_text(encoding="utf-8")
-        elif f.suffix == ".jsonl":
-            with f.open(encoding="utf-8") as lines:
-                for n, line in enumerate(lines, 1):
-                    if not line.strip():
-                        continue
-                    try:
-                        record = json.loads(line)
-                    except json.JSONDecodeError as e:
-                        raise ValueError(f"{f}:{n}: not valid JSON: {e.msg}") from None
-                    if not isinstance(record, dict) or not isinstance(record.get(field), str):
-                        raise ValueError(f"{f}:{n}: expected an object with a string {field!r}")
-                    yield record[field]
-        else:
-            raise ValueError(f"data file {f}: expected .txt or .jsonl")
+            raise FileNotFoundError(f"data file {f} does not exist")
+        try:
+            yield from _documents(f, field)
+        except UnicodeDecodeError as e:
+            raise ValueError(
+                f"data file {f}: not UTF-8 (byte {e.object[e.start]:#04x} at offset {e.start}); "
+                "convert it, e.g. iconv -f latin1 -t utf-8"
+            ) from None
+
+
+def _documents(f: Path, field: str) -> Iterator[str]:
+    if f.suffix == ".txt":
+        yield f.read_text(encoding="utf-8")
+    elif f.suffix == ".jsonl":
+        with f.open(encoding="utf-8") as lines:
+            for n, line in enumerate(lines, 1):
+                if not line.strip():
+                    continue
+                try:
+                    record = json.loads(line)
+                except json.JSONDecodeError as e:
+                    raise ValueError(f"{f}:{n}: not valid JSON: {e.msg}") from None
+                if not isinstance(record, dict) or not isinstance(record.get(field), str):
+                    raise ValueError(f"{f}:{n}: expected an object with a string {field!r}")
+                yield record[field]
+    else:
+        raise ValueError(f"data file {f}: expected .txt or .jsonl")
 
 
 def _pack(ids: list[np.ndarray], labels: list[np.ndarray]) -> Batch:

@@ -86,6 +86,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         trainer = Trainer(tc)
         print(f"{preset}: {trainer.model.param_count()['total'] / 1e6:.2f}M params", flush=True)
         final = trainer.fit()
+        trainer.raise_if_stopped(preset)
         metrics = [json.loads(x) for x in (out / preset / "metrics.jsonl").read_text().splitlines()]
         accuracy = {cfg.seq_len * f: final[_key(cfg, f)] for f in sorted(cfg.length_factors)}
         results[preset] = {
@@ -182,35 +183,35 @@ def format_demo(report: dict) -> str:
 
 
 def _plot(report: dict, out: Path) -> None:
-    import matplotlib
+    from lightlong import units
+    from lightlong.plot import pyplot, save, series, tidy
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
+    title = f"{out.resolve().name} — {report['task']}, step {report['demo']['steps']}"
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (name, r) in enumerate(report["results"].items()):
-        ax.plot(*zip(*r["curve"], strict=True), color=f"C{i}", label=f"{name} ({r['layers']})")
+        ax.plot(*zip(*r["curve"], strict=True), label=f"{name} ({r['layers']})",
+                **series(i, dense=True))  # fmt: skip
     ax.set_xlabel("step")
     ax.set_ylabel("training loss")
     ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    ax.set_title(report["task"], fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "loss.png", dpi=110)
-    plt.close(fig)
+    ax.set_title(title, fontsize=8)
+    tidy(ax)
+    save(fig, out / "loss.png")
 
     fig, ax = plt.subplots(figsize=(6, 4))
     for i, (name, r) in enumerate(report["results"].items()):
         lengths = [int(T) for T in r["accuracy"]]
-        ax.plot(lengths, list(r["accuracy"].values()), "o-", color=f"C{i}", label=name)
+        ax.plot(lengths, list(r["accuracy"].values()), label=name, **series(i))
     ax.set_xscale("log", base=2)
     ax.set_xlabel("sequence length (trained at the first)")
     ax.set_ylabel("answer accuracy (held out)")
     ax.set_ylim(0, 1.02)
     ax.grid(True, alpha=0.3)
     ax.legend()
-    ax.set_title(report["task"], fontsize=8)
-    fig.tight_layout()
-    fig.savefig(out / "accuracy.png", dpi=110)
-    plt.close(fig)
+    ax.set_title(title, fontsize=8)
+    tidy(ax)
+    ax.set_xticks(lengths, [units.length(n) for n in lengths])  # the lengths measured
+    save(fig, out / "accuracy.png")

@@ -18,6 +18,7 @@ import shutil
 import signal
 import sys
 import time
+import warnings
 from pathlib import Path
 
 import torch
@@ -25,15 +26,35 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from lightlong.bench.machine import matmul_gflops
-from lightlong.model import HybridLM
-from lightlong.model.info import load_model, train_flops_per_token
-from lightlong.train.checkpoint import load_trainer_state, resolve_resume, save_checkpoint
+from lightlong.model import HybridConfig, HybridLM
+from lightlong.model.checkpoint import CheckpointError, ensure_writable_dir
+from lightlong.model.info import train_flops_per_token
+from lightlong.model.source import load_model
+from lightlong.runtime import check_device
+from lightlong.train.checkpoint import load_trainer_state, resume_candidates, save_checkpoint
 from lightlong.train.config import TrainConfig
 from lightlong.train.data import Batch, SyntheticData, SyntheticTask, TextData
 
 
 class NonFiniteLossError(RuntimeError):
     """Raised after `max_nonfinite` non-finite steps in a row."""
+
+
+class TrainingInterrupted(KeyboardInterrupt):
+    """A command that trains several models (demo, ablate) was stopped by SIGINT/SIGTERM;
+    `signum` is the signal, the message says where the stopped run saved."""
+
+    def __init__(self, message: str, signum: int):
+        super().__init__(message)
+        self.signum = signum
+
+    def __reduce__(self):  # crosses process pools (ablate's workers) intact
+        return type(self), (str(self), self.signum)
+
+
+# TrainConfig keys that fix the shape of the data a checkpoint's state belongs to
+_DATA_KEYS = ("task", "seq_len", "batch_size", "grad_accum", "num_pairs", "num_queries",
+              "min_pairs", "data_files", "text_field", "tokenizer")  # fmt: skip
 
 
 class Trainer:
@@ -45,11 +66,14 @@ class Trainer:
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg.validate()
+        check_device(cfg.device)
         self.rank, self.world = _init_distributed(cfg.device)
         self.device = _device(cfg.device)
         self.main = self.rank == 0
         self.out = Path(cfg.out_dir)
-        resume_from = resolve_resume(cfg.resume, self.out)
+        if self.main:  # created at the first save; checked now, before anything is built
+            ensure_writable_dir(self.out, create=False)
+        candidates = resume_candidates(cfg.resume, self.out)
 
         self.model: HybridLM = load_model(cfg.model, device=self.device, seed=cfg.seed)
         self.model.train()
@@ -60,12 +84,11 @@ class Trainer:
             betas=(cfg.beta1, cfg.beta2), fused=False,
         )  # fmt: skip
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
+        self.tokenizer = None  # the text task's; saved with every checkpoint
         self.data, self.eval_data = self._make_data()
         self.step = 0
         self.nonfinite_total = self.nonfinite_run = 0
-        if resume_from is not None:
-            self._load(resume_from)
-        self.resumed_from = resume_from
+        self.resumed_from = self._resume(candidates)
         self._stop_signal: int | None = None
 
     # -- setup -----------------------------------------------------------------------------
@@ -96,7 +119,7 @@ class Trainer:
         if c.task == "text":
             from lightlong.tokenizer import load_tokenizer
 
-            tok = load_tokenizer(c.tokenizer or None)
+            tok = self.tokenizer = load_tokenizer(c.tokenizer or None)
             if tok.vocab_size > V:
                 raise ValueError(f"tokenizer has {tok.vocab_size} ids, the model {V}")
             make = lambda files: TextData(  # noqa: E731
@@ -223,14 +246,35 @@ class Trainer:
                     window_tokens, window_t0 = 0, time.perf_counter()
                 if c.save_every and self.step % c.save_every == 0 and not at_end:
                     self.save()
-            self.save()
+            saved = self.save()
         if bar is not None:
             bar.close()
+        if self.stopped and self.main:
+            print(
+                f"lightlong: {self.stopped} at step {self.step} of {c.steps}: saved {saved}; "
+                f"resume with the same command and resume=auto out_dir={self.out}",
+                file=sys.stderr,
+            )
         if board is not None:
             board.close()
-        if self.main:
+        if self.main and metrics_path.is_file():  # none when stopped before the first log
             plot_metrics(metrics_path, self.out / "loss.png")
         return last
+
+    @property
+    def stopped(self) -> str | None:
+        """The name of the signal that stopped `fit` early (SIGINT, SIGTERM), else None."""
+        return None if self._stop_signal is None else signal.Signals(self._stop_signal).name
+
+    def raise_if_stopped(self, what: str) -> None:
+        """TrainingInterrupted when `fit` was stopped: for commands that train several
+        models (`what` names the one that was running)."""
+        if self._stop_signal is not None:
+            raise TrainingInterrupted(
+                f"{self.stopped} while training {what} (step {self.step} of {self.cfg.steps}, "
+                f"saved in {self.out}); no report written",
+                self._stop_signal,
+            )
 
     # -- evaluation ------------------------------------------------------------------------
 
@@ -277,16 +321,60 @@ class Trainer:
         state = self.state_dict()
         path = None
         if self.main:
-            path = save_checkpoint(
-                self.out, self.step, self.model.config, weights, state, self.cfg.keep_last
-            )
+            tokenizer = self.tokenizer or f"synthetic task {self.cfg.task}"
+            path = save_checkpoint(self.out, self.step, self.model.config, weights, state,
+                                   self.cfg.keep_last, tokenizer=tokenizer)  # fmt: skip
         if self.world > 1:
             dist.barrier()
         return path
 
-    def _load(self, path: Path) -> None:
-        weights = HybridLM.from_pretrained(path, dtype=torch.float32).state_dict()
-        state = load_trainer_state(path)
+    def _resume(self, candidates) -> Path | None:
+        """Loads the first of `candidates` that reads; with resume=auto one that does not is
+        skipped with a warning saying why. A checkpoint of another model or data shape is
+        refused (ValueError) before anything is loaded."""
+        for path in candidates:
+            try:
+                self._refuse_mismatch(path)
+                weights = HybridLM.from_pretrained(path, dtype=torch.float32).state_dict()
+                state = load_trainer_state(path)
+            except CheckpointError as e:
+                if self.cfg.resume != "auto":
+                    raise
+                if self.main:
+                    warnings.warn(f"resume: skipping {path}: {e}", stacklevel=2)
+                continue
+            self._refuse_data_mismatch(path, state)
+            self._load(weights, state)
+            if self.main:
+                print(f"resuming from {path} (step {self.step})", file=sys.stderr)
+            return path
+        return None
+
+    def _refuse_mismatch(self, path: Path) -> None:
+        try:
+            saved = HybridConfig.from_json(path / "config.json")
+        except ValueError as e:
+            raise CheckpointError(str(e)) from None
+        ours, theirs = self.model.config.to_minimax_dict(), saved.to_minimax_dict()
+        differ = [k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)]
+        if differ:
+            shown = ", ".join(
+                f"{k}: {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in sorted(differ)[:4]
+            )
+            raise ValueError(
+                f"resume: {path} is a checkpoint of another model ({shown}); use a new "
+                "out_dir, or model= the checkpoint's"
+            )
+
+    def _refuse_data_mismatch(self, path: Path, state: dict) -> None:
+        saved = state.get("config", {})
+        ours = vars(self.cfg)
+        differ = [k for k in _DATA_KEYS if k in saved and saved[k] != ours[k]]
+        if differ:
+            shown = ", ".join(f"{k}={saved[k]!r} there, {ours[k]!r} here" for k in differ)
+            raise ValueError(f"resume: {path} was trained on other data ({shown})")
+
+    def _load(self, weights: dict, state: dict) -> None:
         if self.world > 1 and self.cfg.parallel == "fsdp":
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
@@ -366,28 +454,28 @@ def synthetic_batch(data: SyntheticData, first: int, count: int, length: int | N
 
 
 def plot_metrics(metrics_path: Path, png: Path) -> None:
-    """Training and held-out loss vs step from metrics.jsonl."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    """Training and held-out loss vs step from metrics.jsonl, titled with the run directory's
+    name and the last step."""
+    from lightlong.plot import pyplot, save, series, tidy
 
     rows = [json.loads(line) for line in metrics_path.read_text().splitlines() if line.strip()]
     if not rows:
         return
-    fig, ax = plt.subplots(figsize=(6, 4))
-    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss")
+    fig, ax = pyplot().subplots(figsize=(6, 4))
+    ax.plot([r["step"] for r in rows], [r["loss"] for r in rows], label="train loss",
+            **series(0, dense=True))  # fmt: skip
     ev = [r for r in rows if "eval_loss" in r]
     if ev:
-        ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], "o-", label="held-out")
+        ax.plot([r["step"] for r in ev], [r["eval_loss"] for r in ev], label="held-out",
+                **series(1))  # fmt: skip
     ax.set_xlabel("step")
     ax.set_ylabel("loss")
     ax.set_yscale("log")
     ax.grid(True, alpha=0.3)
     ax.legend()
-    fig.tight_layout()
-    fig.savefig(png, dpi=110)
-    plt.close(fig)
+    ax.set_title(f"{metrics_path.resolve().parent.name} — step {rows[-1]['step']}", fontsize=9)
+    tidy(ax)
+    save(fig, png)
 
 
 # -- helpers -------------------------------------------------------------------------------

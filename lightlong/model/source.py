@@ -1,0 +1,105 @@
+"""Model references, resolved in one place: what `--model` (generate, info, eval, train) and
+the Python loaders accept.
+
+A reference is a preset name (`PRESETS`), a checkpoint directory (config.json +
+safetensors), a training run directory (its newest complete `step-N/`), or a config .json
+file (fresh weights).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from lightlong.model.checkpoint import (
+    GENERATION_FILE,
+    CheckpointError,
+    complete_checkpoints,
+    resolve_checkpoint,
+)
+from lightlong.model.config import PRESETS, HybridConfig
+from lightlong.model.hybrid import HybridLM
+from lightlong.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
+
+
+def resolve_model(ref: str | Path) -> HybridConfig | Path:
+    """The checkpoint directory `ref` names, or the config of a preset / config .json file.
+    A preset name wins over a directory of that name unless the directory holds a checkpoint
+    (write ./name for the directory).
+
+    FileNotFoundError for a path that does not exist; ValueError (naming the presets) for a
+    name that is neither a path nor a preset, or a directory that is not a checkpoint."""
+    path = Path(ref)
+    if str(ref) in PRESETS and not _holds_checkpoint(path):  # a run's out_dir may be "tiny"
+        return HybridConfig.from_preset(str(ref))
+    if path.is_dir():
+        return resolve_checkpoint(path)
+    if path.is_file():
+        if path.suffix != ".json":
+            raise ValueError(f"model {str(ref)!r}: expected a directory or a config .json file")
+        return HybridConfig.from_json(path)
+    if path.suffix == ".json" or len(path.parts) > 1:
+        raise FileNotFoundError(f"model {str(ref)!r}: no such file or directory")
+    raise ValueError(
+        f"model {str(ref)!r} is neither a checkpoint or run directory, a config .json file nor "
+        f"a preset; presets: {sorted(PRESETS)}"
+    )
+
+
+def _holds_checkpoint(path: Path) -> bool:
+    return (path / "config.json").is_file() or bool(complete_checkpoints(path))
+
+
+def resolve_config(ref: str | Path) -> HybridConfig:
+    """The config of a model reference (no weights are read)."""
+    found = resolve_model(ref)
+    return HybridConfig.from_json(found / "config.json") if isinstance(found, Path) else found
+
+
+def load_model(
+    ref: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+) -> HybridLM:
+    """A checkpoint's model, or a preset or config .json file with seeded random weights (to
+    train, or to try things out and benchmark; it generates noise)."""
+    found = resolve_model(ref)
+    if isinstance(found, Path):
+        return HybridLM.from_pretrained(found, dtype=dtype, device=device)
+    torch.manual_seed(seed)
+    return HybridLM(found).to(device=device, dtype=dtype)
+
+
+def load_model_tokenizer(ref: str | Path, tokenizer: str | Path | None = None) -> Tokenizer:
+    """`tokenizer` when given (a tokenizer.json or a directory holding one; it must be
+    readable), else the one saved in the checkpoint `ref` resolves to, else (a preset or
+    config file) UTF-8 bytes."""
+    if tokenizer is not None:
+        return load_tokenizer(tokenizer)
+    found = resolve_model(ref)
+    return load_tokenizer(found) if isinstance(found, Path) else ByteTokenizer()
+
+
+def generation_config(ref: str | Path) -> dict:
+    """The checkpoint's generation_config.json (e.g. eos_token_id, an int or a list), {} for
+    a preset or config file or a checkpoint without one."""
+    found = resolve_model(ref)
+    if not isinstance(found, Path) or not (found / GENERATION_FILE).is_file():
+        return {}
+    try:
+        config = json.loads((found / GENERATION_FILE).read_text())
+    except json.JSONDecodeError as e:
+        raise CheckpointError(f"{found / GENERATION_FILE}: malformed JSON ({e.msg})") from None
+    if not isinstance(config, dict):
+        raise CheckpointError(f"{found / GENERATION_FILE}: expected a JSON object")
+    return config
+
+
+def eos_token_ids(config: dict) -> list[int]:
+    """generation_config's eos_token_id as a list (it may be None, an int or a list)."""
+    eos = config.get("eos_token_id")
+    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
