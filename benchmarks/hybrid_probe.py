@@ -101,26 +101,24 @@ def main() -> None:
 
 
 def _plot(results: list[dict], png: Path) -> None:
-    import matplotlib
+    from lightlong.plot import pyplot, save, series, tidy
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (a, b) = plt.subplots(1, 2, figsize=(11, 4))
+    fig, (a, b) = pyplot().subplots(1, 2, figsize=(11, 4))
     labels = list(dict.fromkeys(r["label"] for r in results))
     for r in results:
-        c = f"C{labels.index(r['label']) % 10}"
+        i = labels.index(r["label"])
         name = f"{r['label']} ({r['pattern']})" if r["seed"] == results[0]["seed"] else None
-        a.plot(*zip(*r["curve"], strict=True), color=c, label=name, alpha=0.8)
-        b.plot(*zip(*r["acc_curve"], strict=True), "o-", color=c, ms=3, alpha=0.8)
+        a.plot(*zip(*r["curve"], strict=True), label=name, alpha=0.8, **series(i, dense=True))
+        b.plot(*zip(*r["acc_curve"], strict=True), ms=3, alpha=0.8, **series(i))
     a.set(xlabel="step", ylabel="training loss (answers)", yscale="log")
     b.set(xlabel="step", ylabel="held-out MQAR answer accuracy", ylim=(0, 1.02))
     for ax in (a, b):
         ax.grid(True, alpha=0.3)
     a.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(png, dpi=100)
-    plt.close(fig)
+    last = max(r["curve"][-1][0] for r in results)
+    fig.suptitle(f"{png.resolve().parent.name} — step {last}", fontsize=9)
+    tidy(a, b)
+    save(fig, png, dpi=100)
 
 
 def _exp(name: str, runs: list[tuple[str, dict, dict]]) -> None:

@@ -8,6 +8,7 @@ import dataclasses
 import inspect
 import itertools
 import json
+import re
 import textwrap
 import typing
 from pathlib import Path
@@ -33,8 +34,65 @@ def field_docs(cls: type) -> dict[str, str]:
     return docs
 
 
+def field_default(f: dataclasses.Field) -> Any:
+    """A dataclass field's default value (its default_factory called)."""
+    return f.default_factory() if f.default is dataclasses.MISSING else f.default
+
+
+def show_default(value: Any) -> str:
+    """A default as help text shows it: a list as its items are typed after the flag (or
+    'empty'), '' for the empty string."""
+    if isinstance(value, list):
+        return " ".join(map(str, value)) or "empty"
+    return "''" if value == "" else str(value)
+
+
+def with_default(help_: str, value: Any) -> str:
+    """help_ followed by "(default: value)", unless it already says "default:"."""
+    if re.search(r"\bdefault:", help_, re.IGNORECASE):
+        return help_
+    shown = show_default(value).replace("%", "%%")  # argparse %-formats help strings
+    return f"{help_} (default: {shown})".strip()
+
+
+def fields_help(cls: type) -> str:
+    """Every field of dataclass cls with its type, default and docstring, for an epilog."""
+    docs = field_docs(cls)
+    hints = typing.get_type_hints(cls)
+    lines = []
+    for f in dataclasses.fields(cls):
+        kind = hints[f.name]
+        name = getattr(kind, "__name__", None) if typing.get_origin(kind) is None else None
+        lines.append(f"  {f.name} ({name or kind}, default {show_default(field_default(f))})")
+        doc = " ".join(docs.get(f.name, "").split())
+        lines.append(textwrap.fill(doc, width=88, initial_indent=" " * 6,
+                                   subsequent_indent=" " * 6))  # fmt: skip
+    return "\n".join(line for line in lines if line)
+
+
+class HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Descriptions and epilogs as written; an option's help ends with its default unless it
+    says it already or there is none to show (None, False, [])."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        d = action.default
+        if not action.option_strings or d is None or d is False or d is argparse.SUPPRESS:
+            return action.help or ""
+        if isinstance(d, list) and not d:
+            return action.help or ""
+        return with_default(action.help or "", d)
+
+
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse's parser with HelpFormatter, for it and its subcommands' parsers."""
+
+    def __init__(self, *args: Any, formatter_class: type = HelpFormatter, **kwargs: Any):
+        super().__init__(*args, formatter_class=formatter_class, **kwargs)
+
+
 def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
-    """Adds --config FILE, --print-config and one flag per field of dataclass cls."""
+    """Adds --config FILE, --print-config and one flag per field of dataclass cls, each
+    with its docstring and default as help."""
     parser.add_argument("--config", type=Path, help="JSON or TOML file of field values")
     parser.add_argument("--print-config", action="store_true", help="print the config and exit")
     docs = field_docs(cls)
@@ -42,7 +100,8 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
-        help_ = docs.get(f.name, "")
+        # the flag's own default stays None: only flags given override --config
+        help_ = with_default(docs.get(f.name, "").replace("%", "%%"), field_default(f))
         if kind is bool:
             parser.add_argument(
                 flag, action=argparse.BooleanOptionalAction, default=None, help=help_

@@ -341,23 +341,21 @@ def _write(report: dict, cfg: AttentionBenchConfig) -> None:
 
 def plot_attention(report: dict, path: Path) -> None:
     """Log-log time vs length: lightning and SDPA, forward and forward+backward."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    from lightlong.plot import pyplot, save, tidy
 
     rows = report["rows"]
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = pyplot().subplots(figsize=(7, 4.5))
+    # op by colour and marker, pass by dash
     series = [
-        ("fwd_s", "lightning forward", "C0", "-"),
-        ("fwdbwd_s", "lightning forward+backward", "C0", "--"),
-        ("sdpa_fwd_s", "softmax SDPA forward", "C3", "-"),
-        ("sdpa_fwdbwd_s", "softmax SDPA forward+backward", "C3", "--"),
+        ("fwd_s", "lightning forward", "C0", "o", "-"),
+        ("fwdbwd_s", "lightning forward+backward", "C0", "o", "--"),
+        ("sdpa_fwd_s", "softmax SDPA forward", "C3", "s", "-"),
+        ("sdpa_fwdbwd_s", "softmax SDPA forward+backward", "C3", "s", "--"),
     ]
-    for key, label, color, style in series:
+    for key, label, color, marker, dash in series:
         pts = [(r["T"], r[key]) for r in rows if key in r]
         if pts:
-            ax.plot(*zip(*pts, strict=True), style, marker="o", color=color, label=label)
+            ax.plot(*zip(*pts, strict=True), dash, marker=marker, color=color, label=label)
     ex = report["extrapolated_1M"]
     if ex:
         last = [(r["T"], r["sdpa_fwd_s"]) for r in rows if "sdpa_fwd_s" in r][-1]
@@ -380,6 +378,5 @@ def plot_attention(report: dict, path: Path) -> None:
     )
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    tidy(ax)
+    save(fig, path, dpi=120)

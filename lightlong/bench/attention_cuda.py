@@ -274,27 +274,27 @@ def format_table(report: dict) -> str:
 
 def plot(report: dict, path: Path) -> None:
     """Left: time vs T per op (fwd solid, fwd+bwd dashed). Right: decode µs vs batch."""
-    import matplotlib
+    from lightlong.plot import pyplot, save, tidy
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, (ax, bx) = plt.subplots(1, 2, figsize=(12, 4.5))
-    colors = {"triton": "C0", "torch": "C2", "fla": "C1", "sdpa": "C3"}
+    fig, (ax, bx) = pyplot().subplots(1, 2, figsize=(12, 4.5))
+    # op by colour and marker, pass by dash
+    looks = {"triton": ("C0", "o"), "torch": ("C2", "^"), "fla": ("C1", "D"), "sdpa": ("C3", "s")}
     for op in OPS:
-        for mode, style in (("fwd", "-"), ("fwdbwd", "--")):
+        for mode, dash in (("fwd", "-"), ("fwdbwd", "--")):
             pts = [(e["T"], e[f"{op}_{mode}_ms"]) for e in report["rows"] if f"{op}_{mode}_ms" in e]
             if pts:
                 label = f"{op} {'forward' if mode == 'fwd' else 'forward+backward'}"
-                ax.plot(*zip(*pts, strict=True), style, marker="o", color=colors[op], label=label)
+                color, marker = looks[op]
+                ax.plot(*zip(*pts, strict=True), dash, marker=marker, color=color, label=label)
     ax.set(xscale="log", yscale="log", xlabel="sequence length T (B·T fixed)", ylabel="ms")
     ax.set_xscale("log", base=2)
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize=7)
-    for backend, color in (("triton", "C0"), ("torch", "C2")):
+    for backend in ("triton", "torch"):
         pts = [(d["B"], d[backend]["us"]) for d in report["decode"] if backend in d]
         if pts:
-            bx.plot(*zip(*pts, strict=True), marker="o", color=color, label=f"{backend} step")
+            color, marker = looks[backend]
+            bx.plot(*zip(*pts, strict=True), marker=marker, color=color, label=f"{backend} step")
     copy = report["machine"]["copy_gbps"]
     cfg = report["config"]
     bound = [
@@ -312,9 +312,8 @@ def plot(report: dict, path: Path) -> None:
         f"d={cfg['head_dim']} {cfg['dtype']}; decode H={cfg['decode_heads']}",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    tidy(ax, bx)
+    save(fig, path, dpi=120)
 
 
 def run_attention_bench_cuda(cfg: AttentionBenchConfig) -> dict:

@@ -197,7 +197,7 @@ def _summarise(cfg, contexts, context_rows, batched, continuation, err) -> dict:
     return {
         "benchmark": "generate",
         "config": asdict(cfg),
-        "model": {"preset": p, "rotary_dim": "full head", "params": params},
+        "model": {"preset": p, "rotary_dim": "full head", "postnorm": True, "params": params},
         "machine": describe_machine("cpu"),
         "reference_rel_err_vs_transformers": err,
         "context": context_rows,
@@ -261,12 +261,9 @@ def _write(report: dict, cfg: GenerateBenchConfig) -> None:
 
 def plot_generate(report: dict, path: Path) -> None:
     """Three panels vs context length: decode tok/s, prefill tok/s, cache MB."""
-    import matplotlib
+    from lightlong.plot import pyplot, save, series, tidy
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 3, figsize=(15, 4.2))
+    fig, axes = pyplot().subplots(1, 3, figsize=(15, 4.2))
     panels = (
         ("decode tok/s (batch 1)", lambda r: r["decode_tok_s"]),
         ("prefill tok/s", lambda r: r["context"] / r["prefill_s"]),
@@ -276,19 +273,19 @@ def plot_generate(report: dict, path: Path) -> None:
         for i, (key, rows) in enumerate(report["context"].items()):
             pts = [(r["context"], value(r)) for r in rows if value(r) is not None]
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", color=f"C{i}", label=key)
+                ax.plot(*zip(*pts, strict=True), label=key, **series(i))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("context (tokens)")
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:  # a panel can be empty (e.g. no length within fwdbwd_max_len)
+            ax.legend(fontsize=8)
     m = report["machine"]
     fig.suptitle(
         f"{report['model']['preset']} model inference, fp32 — {m['cpu']} "
         f"({m['torch_threads']} threads)",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    tidy(*axes)
+    save(fig, path, dpi=120)

@@ -55,10 +55,10 @@ class ModelBenchConfig:
 
 
 def comparable_config(preset: str) -> HybridConfig:
-    """The preset with full-head RoPE: `transformers`' MiniMax rotates every dim of a head
-    (it ignores partial_rotary_factor), so partial RoPE would make the two models differ."""
+    """The preset as `transformers`' MiniMax can run it: full-head RoPE (it ignores
+    partial_rotary_factor) and post-norm (it has no pre-norm)."""
     config = HybridConfig.from_preset(preset)
-    return dataclasses.replace(config, rotary_dim=config.head_dim)
+    return dataclasses.replace(config, rotary_dim=config.head_dim, postnorm=True)
 
 
 def save_random_checkpoint(config: HybridConfig, path: Path) -> Path:
@@ -194,7 +194,12 @@ def _summarise(cfg: ModelBenchConfig, rows: dict, err: float | None) -> dict:
     return {
         "benchmark": "model",
         "config": asdict(cfg),
-        "model": {"preset": cfg.preset, "rotary_dim": "full head", "params": params},
+        "model": {
+            "preset": cfg.preset,
+            "rotary_dim": "full head",
+            "postnorm": True,
+            "params": params,
+        },
         "machine": describe_machine("cpu"),
         "reference_rel_err_vs_transformers": err,
         "series": list(rows),
@@ -240,12 +245,9 @@ def _write(report: dict, cfg: ModelBenchConfig) -> None:
 
 def plot_model(report: dict, path: Path) -> None:
     """tok/s vs length (log-log) for prefill and forward+backward, one line per series."""
-    import matplotlib
+    from lightlong.plot import pyplot, save, series, tidy
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    fig, axes = pyplot().subplots(1, 2, figsize=(11, 4.2))
     for ax, mode, title in (
         (axes[0], "prefill", "prefill"),
         (axes[1], "fwdbwd", "forward+backward"),
@@ -255,19 +257,19 @@ def plot_model(report: dict, path: Path) -> None:
                 (r["T"], r[f"{s}:{mode}_tok_s"]) for r in report["rows"] if f"{s}:{mode}_tok_s" in r
             ]
             if pts:
-                ax.plot(*zip(*pts, strict=True), marker="o", color=f"C{i}", label=s)
+                ax.plot(*zip(*pts, strict=True), label=s, **series(i))
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
         ax.set_xlabel("sequence length T (tokens)")
         ax.set_ylabel("tokens / s")
         ax.set_title(title, fontsize=10)
         ax.grid(True, which="both", alpha=0.3)
-        ax.legend(fontsize=8)
+        if ax.lines:  # a panel can be empty (e.g. no length within fwdbwd_max_len)
+            ax.legend(fontsize=8)
     m = report["machine"]
     fig.suptitle(
         f"{report['model']['preset']} model, fp32 — {m['cpu']} ({m['torch_threads']} threads)",
         fontsize=9,
     )
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    tidy(*axes)
+    save(fig, path, dpi=120)

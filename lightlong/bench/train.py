@@ -120,7 +120,7 @@ def _summarise(cfg: TrainBenchConfig, lengths: list[int], rows: dict, err) -> di
     return {
         "benchmark": "train",
         "config": asdict(cfg),
-        "model": {"preset": p, "rotary_dim": "full head", "params": params},
+        "model": {"preset": p, "rotary_dim": "full head", "postnorm": True, "params": params},
         "machine": describe_machine("cpu"),
         "reference_rel_err_vs_transformers": err,
         "lengths": lengths,
@@ -153,16 +153,12 @@ def format_table(report: dict) -> str:
 
 def plot_train(report: dict, path: Path) -> None:
     """Training tok/s vs sequence length, one line per series."""
-    import matplotlib
+    from lightlong.plot import pyplot, save, series, tidy
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, ax = plt.subplots(figsize=(6.5, 4.2))
+    fig, ax = pyplot().subplots(figsize=(6.5, 4.2))
     for i, (s, rows) in enumerate(report["rows"].items()):
         if rows:
-            ax.plot([r["T"] for r in rows], [r["tok_s"] for r in rows], "o-", color=f"C{i}",
-                    label=s)  # fmt: skip
+            ax.plot([r["T"] for r in rows], [r["tok_s"] for r in rows], label=s, **series(i))
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length T (equal tokens per step)")
@@ -172,6 +168,5 @@ def plot_train(report: dict, path: Path) -> None:
     m = report["machine"]
     ax.set_title(f"{report['model']['preset']}, fp32 — {m['cpu']} ({m['torch_threads']} threads)",
                  fontsize=9)  # fmt: skip
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    tidy(ax)
+    save(fig, path, dpi=120)
