@@ -292,6 +292,32 @@ def test_chunk_matches_naive_across_groups(G, monkeypatch):
     assert_all_close(out, ref, TOL64, f"G={G}")
 
 
+DEFAULT_GROUP_LENGTHS = [
+    pytest.param((813,), id="one-sequence"),
+    # blocks restart at each sequence: 4 + 1 + 6 + 5 blocks in groups of 3, so sequences
+    # start and end inside groups (and blocks), and the last two span three groups each
+    pytest.param((200, 1, 350, 262), id="packed"),
+]
+
+
+@pytest.mark.parametrize("lengths", DEFAULT_GROUP_LENGTHS)
+def test_chunk_matches_naive_across_default_groups(lengths):
+    """The group budget as shipped (nothing patched): wide heads make a group short (3
+    blocks of 64 here), so 813 tokens (12 blocks and a 45-token tail) take five groups;
+    o, final states and every gradient against the float64 naive reference."""
+    H, K, V, C = 8, 512, 8, api_module.DEFAULT_BLOCK_SIZE
+    group_tokens = max(1, api_module._GROUP_BYTES // (4 * H * (2 * K + V) * C)) * C
+    T = sum(lengths)
+    assert T % C and math.ceil(T / group_tokens) >= 4, (T, group_tokens)  # tail; 4+ groups
+    cu = torch.tensor([0, *itertools.accumulate(lengths)])
+    q, k, v, s = make_inputs(1, T, H, K, V, init=True, N=len(lengths), seed=len(lengths))
+    decay = make_decay(H)
+    kw = dict(output_final_state=True, cu_seqlens=cu)
+    out = fwd_bwd(call(lightning_attn, decay, **kw), q, k, v, s)
+    ref = fwd_bwd(call(lightning_attn_naive, decay, **kw), *upcast(q, k, v, s))
+    assert_all_close(out, ref, TOL64, f"default groups of {group_tokens} tokens")
+
+
 def test_block_size_does_not_change_result():
     q, k, v, s = make_inputs(2, 45, 2, 6, 5, init=True)
     decay = make_decay(2)

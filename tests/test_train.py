@@ -37,7 +37,7 @@ from lightlong.train.checkpoint import (
     STATE_FILE,
     complete_checkpoints,
     load_trainer_state,
-    resolve_resume,
+    resume_candidates,
     save_checkpoint,
 )
 from lightlong.train.data import IGNORE, TASKS, _ranges
@@ -314,7 +314,7 @@ def test_text_data_rejects_bad_files(tmp_path):
     (tmp_path / "x.csv").write_text("a,b\n")
     with pytest.raises(ValueError, match=r"x\.csv: expected \.txt or \.jsonl"):
         TextData([tmp_path / "short.txt", tmp_path / "x.csv"], tok, 4, 1)
-    with pytest.raises(ValueError, match="does not exist"):
+    with pytest.raises(FileNotFoundError, match="does not exist"):
         TextData([tmp_path / "missing.txt"], tok, 4, 1)
 
 
@@ -513,7 +513,7 @@ def test_resume_equals_uninterrupted_run(tmp_path):
         junk.mkdir()
         (junk / STATE_FILE).write_bytes((out / f"step-{k}" / STATE_FILE).read_bytes())
     (partial / MARKER).write_text(f"{k + 2}\n")
-    assert resolve_resume("auto", out) == out / f"step-{k}"
+    assert next(resume_candidates("auto", out)) == out / f"step-{k}"
 
     second = Trainer(train_cfg(out, resume="auto", **cfg))
     assert second.resumed_from == out / f"step-{k}" and second.step == k
@@ -532,24 +532,105 @@ def test_resume_equals_uninterrupted_run(tmp_path):
     assert state["step"] == N and state["data"] == {"position": N * 4}
 
 
+def drop_labels_at_random(trainer: Trainer) -> None:
+    """Makes the trainer's steps draw from the global torch RNG: each step ignores a random
+    30 % of its labels (a stand-in for dropout, which the model does not have)."""
+    real = trainer._loss
+
+    def _loss(batch):
+        drop = torch.rand(batch.labels.shape) < 0.3
+        return real(dataclasses.replace(batch, labels=batch.labels.masked_fill(drop, IGNORE)))
+
+    trainer._loss = _loss
+
+
+def nan_loss_at(trainer: Trainer, steps: set[int]) -> None:
+    """Makes the loss NaN at the given values of trainer.step (0 is the first step)."""
+    real = trainer._loss
+
+    def _loss(batch):
+        out = real(batch)
+        if trainer.step in steps:
+            out.loss = out.loss * float("nan")
+        return out
+
+    trainer._loss = _loss
+
+
+def test_resume_restores_the_torch_rng_state(tmp_path):
+    # training that draws from the global RNG: a resumed run draws what the uninterrupted
+    # one drew after step k only if the checkpoint's RNG state is restored
+    N, k = 4, 2
+    straight = Trainer(train_cfg(tmp_path / "straight", steps=N, save_every=k))
+    drop_labels_at_random(straight)
+    straight.fit()
+    ckpt = tmp_path / "straight" / f"step-{k}"
+    saved = load_trainer_state(ckpt)["rng"]["torch"]
+
+    resumed = Trainer(train_cfg(tmp_path / "resumed", steps=N, resume=str(ckpt)))
+    assert resumed.step == k
+    assert torch.equal(torch.get_rng_state(), saved), "the torch RNG state was not restored"
+    drop_labels_at_random(resumed)
+    resumed.fit()
+    assert_same_weights(snapshot(resumed.model), snapshot(straight.model))
+    rows = without_timing(read_metrics(tmp_path / "resumed"))
+    assert [r["step"] for r in rows] == list(range(k + 1, N + 1))
+    assert rows == without_timing(read_metrics(tmp_path / "straight"))[k:]
+
+
+def test_resume_restores_the_nonfinite_counters(tmp_path):
+    # steps 1 and 3 are non-finite: the checkpoint at step 3 holds 2 skipped steps in all,
+    # the last 1 of them in a row
+    N, k = 5, 3
+    cfg = dict(steps=N, save_every=k, max_nonfinite=2)
+    straight = Trainer(train_cfg(tmp_path / "straight", **cfg))
+    nan_loss_at(straight, {0, 2})
+    straight.fit()
+    straight_rows = without_timing(read_metrics(tmp_path / "straight"))
+    assert [r["nonfinite"] for r in straight_rows] == [1, 1, 2, 2, 2]
+    ckpt = tmp_path / "straight" / f"step-{k}"
+    state = load_trainer_state(ckpt)
+    assert (state["nonfinite_total"], state["nonfinite_run"]) == (2, 1)
+
+    resumed = Trainer(train_cfg(tmp_path / "resumed", resume=str(ckpt), **cfg))
+    assert (resumed.step, resumed.nonfinite_total, resumed.nonfinite_run) == (k, 2, 1)
+    resumed.fit()
+    assert_same_weights(snapshot(resumed.model), snapshot(straight.model))
+    assert without_timing(read_metrics(tmp_path / "resumed")) == straight_rows[k:]
+
+    # the run of skips goes on across the resume: one more non-finite step makes 2 in a row
+    again = Trainer(train_cfg(tmp_path / "again", resume=str(ckpt), **cfg))
+    nan_loss_at(again, {k})
+    with pytest.raises(NonFiniteLossError, match=r"2 non-finite steps in a row"):
+        again.train_step()
+    assert again.nonfinite_total == 3
+
+
 def test_checkpoint_discovery_and_keep_last(tmp_path):
     cfg = HybridConfig.from_preset("tiny")
     cfg.num_layers, cfg.layer_types = 1, ["lightning"]  # small and quick to write
     weights = HybridLM(cfg.validate()).state_dict()
+
+    def auto():
+        return list(resume_candidates("auto", tmp_path))
+
     assert complete_checkpoints(tmp_path / "none") == []
-    assert resolve_resume("auto", tmp_path) is None and resolve_resume("", tmp_path) is None
+    assert auto() == [] and list(resume_candidates("", tmp_path)) == []
     for step in (1, 2, 3):
         save_checkpoint(tmp_path, step, cfg, weights, {"step": step}, keep_last=2)
     assert complete_checkpoints(tmp_path) == [tmp_path / "step-2", tmp_path / "step-3"]
     (tmp_path / "step-3" / MARKER).unlink()  # as if its save had been cut short
     (tmp_path / ".step-4.partial-99").mkdir()
-    assert resolve_resume("auto", tmp_path) == tmp_path / "step-2"
+    assert auto() == [tmp_path / "step-2"]
     with pytest.raises(ValueError, match="not a complete checkpoint"):
-        resolve_resume(str(tmp_path / "step-3"), tmp_path)
-    assert load_trainer_state(resolve_resume(str(tmp_path / "step-2"), tmp_path))["step"] == 2
-    # step-10 sorts after step-2 by number, not by name
+        resume_candidates(str(tmp_path / "step-3"), tmp_path)
+    with pytest.raises(FileNotFoundError, match="step-7"):
+        resume_candidates(str(tmp_path / "step-7"), tmp_path)
+    (given,) = resume_candidates(str(tmp_path / "step-2"), tmp_path)
+    assert load_trainer_state(given)["step"] == 2
+    # step-10 sorts after step-2 by number, not by name; auto tries the newest first
     save_checkpoint(tmp_path, 10, cfg, weights, {"step": 10}, keep_last=0)
-    assert resolve_resume("auto", tmp_path) == tmp_path / "step-10"
+    assert auto() == [tmp_path / "step-10", tmp_path / "step-2"]
 
 
 def test_sigterm_saves_a_checkpoint_and_exits_zero(tmp_path):
@@ -668,6 +749,42 @@ def test_two_processes_match_one(tmp_path, moe_model, parallel):
     for k, w in snapshot(one.model).items():
         assert_close(two[k], w, 5e-5, k)
     assert max(rel_err(w, start[k]) for k, w in two.items()) > 1e-3  # and they did train
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("parallel", ["ddp", "fsdp"])
+def test_two_processes_resume_equals_uninterrupted_run(tmp_path, moe_model, parallel):
+    # 2 processes train N steps and save at step k; 2 processes resume from step-k to N and
+    # must end where the uninterrupted run did. Step 2's loss is NaN on rank 1 (INJECT), so
+    # the checkpoint also carries a skipped step.
+    N, k = 4, 2
+    args = [f"model={moe_model}", f"steps={N}", f"save_every={k}", "num_pairs=4",
+            "num_queries=4", "seq_len=64", "batch_size=4", "warmup_steps=1", "eval_every=0",
+            "eval_batches=2", "log_every=1", "progress=false", f"parallel={parallel}"]  # fmt: skip
+    script = tmp_path / "inject.py"
+    script.write_text(INJECT)
+    straight = tmp_path / "straight"
+    torchrun_2(tmp_path, [str(script), "train", *args, f"out_dir={straight}"])
+    ckpt = straight / f"step-{k}"
+    resumed = tmp_path / "resumed"
+    torchrun_2(tmp_path, ["-m", "lightlong", "train", *args, f"resume={ckpt}",
+                          f"out_dir={resumed}"])  # fmt: skip
+
+    rows, straight_rows = read_metrics(resumed), read_metrics(straight)
+    assert [r["step"] for r in rows] == list(range(k + 1, N + 1))  # it did resume at k
+    assert [r["nonfinite"] for r in straight_rows] == [0, 1, 1, 1]
+    assert [r["nonfinite"] for r in rows] == [1, 1]
+    for r, s in zip(rows, straight_rows[k:], strict=True):
+        for key in ("loss", "grad_norm", "lr"):
+            assert r[key] == pytest.approx(s[key], rel=1e-5), (r["step"], key)
+    assert rows[-1]["eval_loss"] == pytest.approx(straight_rows[-1]["eval_loss"], rel=1e-5)
+    final = HybridLM.from_pretrained(resumed / f"step-{N}", dtype=torch.float32).state_dict()
+    expected = HybridLM.from_pretrained(straight / f"step-{N}", dtype=torch.float32).state_dict()
+    at_k = HybridLM.from_pretrained(ckpt, dtype=torch.float32).state_dict()
+    assert final.keys() == expected.keys()
+    for key, w in expected.items():  # tolerance as in test_two_processes_match_one
+        assert_close(final[key], w, 5e-5, key)
+    assert max(rel_err(w, at_k[key]) for key, w in expected.items()) > 1e-3  # steps k+1… train
 
 
 @pytest.mark.slow
