@@ -14,7 +14,7 @@ from importlib.metadata import version
 from pathlib import Path
 
 from lightlong.config import ArgumentParser, add_config_args, config_from_args, fields_help
-from lightlong.runtime import keep_freed_memory
+from lightlong.runtime import keep_freed_memory, parse_dtype
 
 
 def _run_config(cls, run):
@@ -31,15 +31,13 @@ def _run_config(cls, run):
 
 
 def _info(args: argparse.Namespace) -> None:
-    import torch
 
     from lightlong.model.info import describe
     from lightlong.model.source import resolve_config
 
-    dtypes = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
     if args.context < 1 or args.batch < 1:
         raise ValueError("--context and --batch must be >= 1")
-    print(describe(resolve_config(args.model), args.context, args.batch, dtypes[args.dtype]))
+    print(describe(resolve_config(args.model), args.context, args.batch, parse_dtype(args.dtype)))
 
 
 def _tokenizer_train(args: argparse.Namespace) -> None:
@@ -50,7 +48,6 @@ def _tokenizer_train(args: argparse.Namespace) -> None:
 
 
 def _generate(args: argparse.Namespace) -> None:
-    import torch
     from tqdm import tqdm
 
     from lightlong.infer import Engine, SamplingParams
@@ -71,7 +68,7 @@ def _generate(args: argparse.Namespace) -> None:
             raise ValueError(f"--prompt-file {args.prompt_file}: {e}") from None
     else:
         prompt = args.prompt
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[args.dtype]
+    dtype = parse_dtype(args.dtype)
     tokenizer = load_model_tokenizer(args.model, args.tokenizer)
     generation = {} if args.ignore_eos else generation_config(args.model)
     device = check_device(args.device)

@@ -73,3 +73,16 @@ def check_device(name: str | torch.device) -> torch.device:
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {str(name)!r}: MPS is not available")
     return device
+
+
+DTYPE_NAMES = ("float32", "bfloat16", "float16", "float64")
+"""The torch dtypes lightlong's commands and configs name."""
+
+
+def parse_dtype(name: str, allowed: tuple[str, ...] = DTYPE_NAMES, what: str = "dtype"):
+    """The torch dtype `name` ("bfloat16", ...), or ValueError naming `what` and `allowed`."""
+    import torch
+
+    if name not in allowed:
+        raise ValueError(f"{what} must be one of {list(allowed)}, got {name!r}")
+    return getattr(torch, name)

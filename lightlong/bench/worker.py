@@ -15,9 +15,8 @@ from collections.abc import Callable
 import torch
 
 from lightlong.bench.machine import reset_peak_rss, rss_bytes, sync
-from lightlong.runtime import keep_freed_memory, release_freed_memory
+from lightlong.runtime import keep_freed_memory, parse_dtype, release_freed_memory
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 _MIN_REPS, _MAX_REPS = 3, 50
 _BUDGET_S = 3.0
 _SLOW_S = 15.0
@@ -102,7 +101,7 @@ def measure_attention(spec: dict) -> dict:
     from lightlong.ops import decay_rates, lightning_attn
 
     op, T, B, H, K, V = (spec[x] for x in ("op", "T", "B", "H", "K", "V"))
-    dtype, device = DTYPES[spec["dtype"]], spec["device"]
+    dtype, device = parse_dtype(spec["dtype"]), spec["device"]
     torch.manual_seed(0)
     decay = decay_rates(H, 0, 80, device=device)
     shape_q, shape_v = (B, T, H, K), (B, T, H, V)
@@ -155,7 +154,7 @@ def measure_decode(spec: dict) -> dict:
     from lightlong.ops import decay_rates, lightning_attn_step
 
     B, H, K, V, device = (spec[x] for x in ("B", "H", "K", "V", "device"))
-    dtype = DTYPES[spec["dtype"]]
+    dtype = parse_dtype(spec["dtype"])
     gen = torch.Generator().manual_seed(0)
     q, k = (torch.randn(B, 1, H, K, generator=gen).to(device, dtype) for _ in range(2))
     v = torch.randn(B, 1, H, V, generator=gen).to(device, dtype)
@@ -179,7 +178,7 @@ def measure_model(spec: dict) -> dict:
     spec: impl ("lightlong" | "transformers"), checkpoint (dir), T, modes, device, dtype.
     """
     impl, T, device = spec["impl"], spec["T"], spec["device"]
-    dtype = DTYPES[spec["dtype"]]
+    dtype = parse_dtype(spec["dtype"])
     if impl == "lightlong":
         from lightlong.model import HybridLM
 
@@ -243,7 +242,7 @@ def measure_generate(spec: dict) -> dict:
     batch, suffix, prefill_chunk, device, dtype.
     """
     impl, device, mode, L = spec["impl"], spec["device"], spec["mode"], spec["context"]
-    dtype = DTYPES[spec["dtype"]]
+    dtype = parse_dtype(spec["dtype"])
     # One run per point (a 1M-token prefill takes minutes), timed as `lightlong` runs: with
     # freed memory kept for reuse. The peak is the process's high-water mark above the
     # loaded model, so it counts what the allocator holds, not only live tensors.

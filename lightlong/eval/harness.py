@@ -55,10 +55,9 @@ from lightlong.eval.logprobs import token_logprobs
 from lightlong.infer import Engine, SamplingParams
 from lightlong.model import HybridLM
 from lightlong.model.source import load_model, load_model_tokenizer
-from lightlong.runtime import check_device
+from lightlong.runtime import check_device, parse_dtype
 from lightlong.tokenizer import Tokenizer, load_tokenizer
 
-DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16}
 GEN_KWARGS = ("until", "max_gen_toks", "do_sample", "temperature", "top_p", "top_k")
 """The lm_eval generation kwargs `generate_until` understands; any other key is an error."""
 
@@ -124,10 +123,11 @@ class LightlongLM(LM):
             model = pretrained
         else:
             pretrained = str(pretrained)  # `--model_args` turns a name like "123" into an int
-            if dtype not in DTYPES:
-                raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
             model = load_model(
-                pretrained, dtype=DTYPES[dtype], device=_check_device(device), seed=self.seed
+                pretrained,
+                dtype=parse_dtype(dtype, ("float32", "bfloat16")),
+                device=_check_device(device),
+                seed=self.seed,
             )
         self.model = model.eval()
         self._device = self.model.lm_head.weight.device

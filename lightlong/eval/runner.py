@@ -22,7 +22,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from lightlong.bench.machine import describe_machine
 from lightlong.eval import mrniah
@@ -203,13 +202,13 @@ def summarize(records: list[dict]) -> dict:
 def load(cfg: EvalConfig):
     """(model or None for the oracle, tokenizer) for the config."""
     from lightlong.model.source import load_model, load_model_tokenizer
-    from lightlong.runtime import check_device
+    from lightlong.runtime import check_device, parse_dtype
     from lightlong.tokenizer import load_tokenizer
 
     if cfg.model == ORACLE:
         return None, load_tokenizer(cfg.tokenizer or None)
     tokenizer = load_model_tokenizer(cfg.model, cfg.tokenizer or None)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.dtype]
+    dtype = parse_dtype(cfg.dtype)
     device = check_device(cfg.device)
     return load_model(cfg.model, dtype=dtype, device=device).eval(), tokenizer
 
