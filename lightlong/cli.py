@@ -60,7 +60,11 @@ def _generate(args: argparse.Namespace) -> None:
     from lightlong.runtime import check_device
 
     if "-" in (args.prompt, args.prompt_file):
-        prompt = sys.stdin.read()
+        raw = getattr(sys.stdin, "buffer", None)  # bytes, decoded strictly (not surrogates)
+        try:
+            prompt = raw.read().decode("utf-8") if raw is not None else sys.stdin.read()
+        except UnicodeDecodeError as e:
+            raise ValueError(f"stdin: the prompt is not UTF-8 (byte offset {e.start})") from None
     elif args.prompt_file is not None:
         try:
             prompt = Path(args.prompt_file).read_text(encoding="utf-8")
@@ -202,7 +206,7 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.set_defaults(func=_eval)
 
     info = commands.add_parser("info", help="architecture, parameter counts, memory plan")
-    info.add_argument("model", help="preset name or checkpoint directory")
+    info.add_argument("model", help="preset, checkpoint or run directory, or config .json")
     info.add_argument("--context", type=int, default=1_000_000, help="context length T")
     info.add_argument("--batch", type=int, default=1, help="sequences")
     info.add_argument(
@@ -224,7 +228,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.set_defaults(func=_tokenizer_train)
 
     gen = commands.add_parser("generate", help="stream a continuation of a prompt")
-    gen.add_argument("--model", required=True, help="checkpoint directory or preset name")
+    gen.add_argument(
+        "--model", required=True, help="preset, checkpoint or run directory, or config .json"
+    )
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text; - reads it from stdin")
     source.add_argument("--prompt-file", help="UTF-8 file holding the prompt; - for stdin")

@@ -72,6 +72,8 @@ def check_device(name: str | torch.device) -> torch.device:
             )
     elif device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"device {str(name)!r}: MPS is not available")
+    elif device.type == "meta":
+        raise ValueError(f"device {str(name)!r}: the meta device holds no data; use cpu or cuda")
     return device
 
 

@@ -159,21 +159,22 @@ def _read_config(file: Path) -> dict[str, Any] | None:
         return None
     try:
         config = json.loads(file.read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise ValueError(f"cannot parse {file}: {e}") from None
     if not isinstance(config, dict):
         raise ValueError(f"{file}: expected a JSON object")
     return config
 
 
-def load_tokenizer(source: str | Path | None) -> Tokenizer:
+def load_tokenizer(source: str | Path | None, *, required: bool = False) -> Tokenizer:
     """The tokenizer for `source`.
 
     None: `ByteTokenizer()`. A directory (a checkpoint) with `tokenizer.json`, or a `.json`
     file: `HFTokenizer`; a directory whose `tokenizer_config.json` is the byte marker:
     `ByteTokenizer()`; a directory with neither (a checkpoint from before tokenizers were
-    saved): `ByteTokenizer()` with a warning. A path that does not exist raises
-    FileNotFoundError; one that cannot be read as a tokenizer, ValueError naming it.
+    saved): `ByteTokenizer()` with a warning, or with `required` (a tokenizer the user
+    named) FileNotFoundError. A path that does not exist raises FileNotFoundError; one that
+    cannot be read as a tokenizer, ValueError naming it.
     """
     if source is None:
         return ByteTokenizer()
@@ -193,6 +194,8 @@ def load_tokenizer(source: str | Path | None) -> Tokenizer:
             raise ValueError(f"{path / CONFIG_FILE}: no {TOKENIZER_FILE} beside it")
         else:
             why = f"holds no tokenizer ({TOKENIZER_FILE} or {CONFIG_FILE})"
+            if required:
+                raise FileNotFoundError(f"tokenizer directory {path} {why}")
         warnings.warn(
             f"{path} {why}; reading text as UTF-8 bytes. If the model was trained on a "
             "tokenizer, pass it (--tokenizer).",
@@ -253,6 +256,10 @@ def train_bpe(
     for p in paths:
         if not p.is_file():
             raise ValueError(f"training file not found: {p}")
+        try:
+            p.read_bytes().decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise ValueError(f"training file {p}: not UTF-8 (byte offset {e.start})") from None
     min_vocab = 256 + 1 + 1  # bytes, <|endoftext|>, at least one merge
     if vocab_size < min_vocab:
         raise ValueError(

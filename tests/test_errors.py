@@ -5,6 +5,7 @@ model references (preset, checkpoint, run directory) resolve alike everywhere.""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -22,7 +23,7 @@ from lightlong.model.checkpoint import CheckpointError
 from lightlong.model.source import load_model, load_model_tokenizer, resolve_model
 from lightlong.tokenizer import ByteTokenizer, HFTokenizer, load_tokenizer, train_bpe
 from lightlong.train import TrainConfig, Trainer
-from lightlong.train.checkpoint import STATE_FILE
+from lightlong.train.checkpoint import STATE_FILE, complete_checkpoints
 
 TIMEOUT_S = 240
 
@@ -109,7 +110,7 @@ def test_debug_shows_the_traceback(tmp_path):
         main(["info", str(tmp_path), "--debug"])
 
 
-def test_run_directory_resolves_to_its_newest_complete_checkpoint(tmp_path, capsys):
+def test_run_directory_resolves_to_its_newest_complete_checkpoint(tmp_path, capsys, monkeypatch):
     trainer = Trainer(train_cfg(tmp_path / "run", save_every=2, keep_last=0))
     trainer.fit()
     (tmp_path / "run" / "step-4" / "COMPLETE").unlink()  # as if its save was cut short
@@ -125,7 +126,7 @@ def test_run_directory_resolves_to_its_newest_complete_checkpoint(tmp_path, caps
                              "hi", "--max-new-tokens", "2")  # fmt: skip
     assert code == 0, err
     # a preset name wins over a directory of that name that holds no checkpoint
-    os.chdir(tmp_path)
+    monkeypatch.chdir(tmp_path)
     (tmp_path / "tiny").mkdir()
     assert isinstance(resolve_model("tiny"), HybridConfig)
 
@@ -206,12 +207,12 @@ def test_resume_falls_back_past_a_truncated_checkpoint(tmp_path):
     state = tmp_path / "run" / "step-4" / STATE_FILE
     with open(state, "r+b") as f:
         f.truncate(state.stat().st_size // 2)
-    with pytest.warns(UserWarning, match=r"skipping .*step-4.*trainer_state\.pt"):
-        trainer = Trainer(train_cfg(tmp_path / "run", steps=6, resume="auto"))
-    assert trainer.resumed_from == tmp_path / "run" / "step-2" and trainer.step == 2
     # an explicit checkpoint does not fall back
     with pytest.raises(CheckpointError, match=r"trainer_state\.pt"):
         Trainer(train_cfg(tmp_path / "run", resume=str(tmp_path / "run" / "step-4")))
+    with pytest.warns(UserWarning, match=r"skipping .*step-4.*trainer_state\.pt"):
+        trainer = Trainer(train_cfg(tmp_path / "run", steps=6, resume="auto"))
+    assert trainer.resumed_from == tmp_path / "run" / "step-2" and trainer.step == 2
 
 
 def test_data_file_not_utf8_is_named(tmp_path, capsys):
@@ -264,3 +265,94 @@ def test_sigterm_stops_the_demo_cleanly(tmp_path):
     assert "Traceback" not in err
     assert "lightlong: interrupted: SIGTERM while training tiny" in err
     assert any(p.name.startswith("step-") for p in (tmp_path / "demo" / "tiny").iterdir())
+
+
+# -------------------------------------------------------------------- found in review
+
+
+def test_save_replaces_only_a_checkpoint(tmp_path, monkeypatch):
+    model = tiny_checkpoint(tmp_path / "ck")
+    model.save_pretrained(tmp_path / "ck")  # a checkpoint directory is replaced
+    (tmp_path / "mine").mkdir()
+    (tmp_path / "mine" / "notes.txt").write_text("keep me")
+    with pytest.raises(ValueError, match=r"notes\.txt besides a checkpoint"):
+        model.save_pretrained(tmp_path / "mine")
+    assert (tmp_path / "mine" / "notes.txt").read_text() == "keep me"
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(ValueError, match="not a directory"):
+        model.save_pretrained(tmp_path / "file")
+    monkeypatch.chdir(tmp_path / "ck")
+    with pytest.raises(ValueError, match="working directory"):
+        model.save_pretrained(".")
+
+
+@pytest.mark.parametrize("damage", ["head", "garbage", "no-config", "no-keys"])
+def test_resume_falls_back_past_any_broken_newest_checkpoint(tmp_path, damage):
+    Trainer(train_cfg(tmp_path / "run", save_every=2, keep_last=0)).fit()
+    newest = tmp_path / "run" / "step-4"
+    state = newest / STATE_FILE
+    if damage == "head":  # cut early: torch.load fails with OSError, not RuntimeError
+        state.write_bytes(state.read_bytes()[:5000])
+    elif damage == "garbage":
+        state.write_text("garbage\n")
+    elif damage == "no-config":
+        (newest / "config.json").unlink()
+    else:
+        torch.save({"step": 4}, state)
+    skipped = damage != "no-config"  # a step without config.json is not complete at all
+    with pytest.warns(UserWarning, match="skipping") if skipped else contextlib.nullcontext():
+        trainer = Trainer(train_cfg(tmp_path / "run", steps=6, resume="auto"))
+    assert trainer.resumed_from == tmp_path / "run" / "step-2"
+    assert resolve_model(tmp_path / "run") == tmp_path / "run" / "step-2"
+    # the broken one is moved aside: keep_last (2) keeps step-2 and the new step-6
+    assert skipped == any(p.name.startswith("step-4.broken-") for p in newest.parent.iterdir())
+    trainer.fit()
+    assert [p.name for p in complete_checkpoints(tmp_path / "run")] == ["step-2", "step-6"]
+
+
+def test_fine_tuning_keeps_the_checkpoint_tokenizer(tmp_path):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("the quick brown fox jumps over the lazy dog. " * 200)
+    train_bpe([corpus], 300, tmp_path / "tok")
+    common = dict(task="text", data_files=[str(corpus)], steps=1)
+    Trainer(train_cfg(tmp_path / "run", tokenizer=str(tmp_path / "tok"), **common)).fit()
+    tuned = Trainer(train_cfg(tmp_path / "ft", model=str(tmp_path / "run"), **common))
+    assert isinstance(tuned.tokenizer, HFTokenizer)
+    tuned.fit()
+    assert isinstance(load_model_tokenizer(str(tmp_path / "ft")), HFTokenizer)
+
+
+def test_more_inputs_that_are_one_line(tmp_path, capsys, monkeypatch):
+    (tmp_path / "latin.txt").write_bytes("café au lait\n".encode("latin-1"))
+    code, _, err = cli(capsys, "tokenizer", "train", str(tmp_path / "latin.txt"),
+                       "--vocab-size", "300", "--out", str(tmp_path / "t"))  # fmt: skip
+    assert code == 2
+    one_line_error(err, "latin.txt", "not UTF-8")
+    tiny_checkpoint(tmp_path / "ck")
+    (tmp_path / "ck" / "generation_config.json").write_text('{"eos_token_id": "x"}')
+    code, _, err = cli(capsys, "generate", "--model", str(tmp_path / "ck"), "--prompt", "hi")
+    assert code == 2
+    one_line_error(err, "generation_config.json", "eos_token_id")
+    raw = json.loads((tmp_path / "ck" / "config.json").read_text())
+    (tmp_path / "ck" / "config.json").write_text(json.dumps(raw | {"rope_theta": [1]}))
+    code, _, err = cli(capsys, "info", str(tmp_path / "ck"))
+    assert code == 2
+    one_line_error(err, "config.json", "wrong type")
+    code, _, err = cli(capsys, "generate", "--model", "tiny", "--prompt", "x", "--device", "meta")
+    assert code == 2
+    one_line_error(err, "meta")
+    (tmp_path / "notok").mkdir()
+    code, _, err = cli(capsys, "generate", "--model", "tiny", "--prompt", "x", "--tokenizer",
+                       str(tmp_path / "notok"))  # fmt: skip
+    assert code == 2
+    one_line_error(err, "notok", "holds no tokenizer")
+
+
+def test_binary_stdin_prompt_is_one_line():
+    run = subprocess.run(
+        [sys.executable, "-m", "lightlong", "generate", "--model", "tiny", "--prompt", "-"],
+        input=b"\xff\xfe\x00bad", capture_output=True, timeout=TIMEOUT_S,
+    )  # fmt: skip
+    assert run.returncode == 2
+    err = run.stderr.decode()
+    one_line_error(err, "stdin", "not UTF-8")

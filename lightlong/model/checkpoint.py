@@ -78,15 +78,16 @@ def _checkpoint_files(path: Path) -> list[Path]:
 
 
 def complete_checkpoints(run_dir: str | Path) -> list[Path]:
-    """Complete `step-N/` checkpoints (COMPLETE marker and trainer state) under a training
-    run directory, oldest first."""
+    """Complete `step-N/` checkpoints (COMPLETE marker, config.json and trainer state) under
+    a training run directory, oldest first."""
     out = Path(run_dir)
     if not out.is_dir():
         return []
     found = []
     for p in out.iterdir():
         m = _STEP_DIR.match(p.name)
-        if m and p.is_dir() and (p / MARKER).is_file() and (p / STATE_FILE).is_file():
+        names = (MARKER, STATE_FILE, CONFIG_FILE)
+        if m and p.is_dir() and all((p / name).is_file() for name in names):
             found.append((int(m.group(1)), p))
     return [p for _, p in sorted(found)]
 
@@ -228,7 +229,10 @@ def save_pretrained(
     (`lightlong.tokenizer.save_tokenizer`).
 
     Everything goes to a temporary sibling directory first, which then replaces `path` by
-    rename: a crash leaves either the previous checkpoint or the new one, never a mix.
+    rename: a crash leaves the previous checkpoint (at `path`, or between the two renames
+    in a hidden `.NAME.old-*` sibling) or the new one, never a mix. `path` may be new or a
+    checkpoint directory; a file, the working directory or a directory holding other files
+    is refused (ValueError), since replacing it would lose them.
     """
     save_weights(model.config, model.state_dict(), path, tokenizer=tokenizer,
                  max_shard_size=max_shard_size, config_format=config_format)  # fmt: skip
@@ -245,9 +249,10 @@ def save_weights(
     extra_files: dict[str, bytes] | None = None,
 ) -> None:
     """`save_pretrained` from a config and a state dict (e.g. gathered from shards);
-    `extra_files` (name -> bytes) are written into the same directory before it is renamed
-    into place."""
+    `extra_files` (name -> bytes) are written into the same directory, last, before it is
+    renamed into place."""
     path = Path(path)
+    _check_replaceable(path)
     limit = parse_size(max_shard_size)
     if config_format not in CONFIG_FORMATS:
         raise ValueError(f"config_format must be one of {CONFIG_FORMATS}, got {config_format!r}")
@@ -288,8 +293,6 @@ def save_weights(
         generation = {"bos_token_id": None if special is None else special.bos_token_id,
                       "eos_token_id": eos, "pad_token_id": eos}  # fmt: skip
         (tmp / GENERATION_FILE).write_text(json.dumps(generation, indent=2) + "\n")
-        for name, data in (extra_files or {}).items():
-            (tmp / name).write_bytes(data)
         if len(shards) == 1:
             save_file(shards[0], tmp / SINGLE_FILE, metadata={"format": "pt"})
         else:
@@ -301,19 +304,48 @@ def save_weights(
             total = sum(t.numel() * t.element_size() for t in state.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}
             (tmp / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
+        for name, data in (extra_files or {}).items():
+            (tmp / name).write_bytes(data)
         for f in tmp.iterdir():  # safetensors creates its files 0600
             f.chmod(0o666 & ~umask)
         _fsync_dir(tmp)
-        if path.exists():
+        if path.exists():  # a crash between the renames leaves it in .NAME.old-*/
             old = Path(tempfile.mkdtemp(prefix=f".{path.name}.old-", dir=path.parent))
             os.replace(path, old / path.name)
             os.replace(tmp, path)
             shutil.rmtree(old)
         else:
             os.replace(tmp, path)
+        _fsync(path.parent)
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+# What a checkpoint directory holds: saving may replace a directory of only these.
+_CHECKPOINT_ENTRY = re.compile(
+    r"^(config|generation_config|tokenizer|tokenizer_config|special_tokens_map)\.json$"
+    r"|^model(-\d+-of-\d+)?\.safetensors$|^model\.safetensors\.index\.json$"
+    rf"|^{MARKER}$|^{re.escape(STATE_FILE)}$"
+)
+
+
+def _check_replaceable(path: Path) -> None:
+    """Saving replaces `path` whole: refuse a file, the working directory (or one above
+    it) and a directory holding anything but a checkpoint's files, naming what is there."""
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise ValueError(f"{path}: exists and is not a directory (a checkpoint is a directory)")
+    if path.resolve() in (Path.cwd(), *Path.cwd().parents):
+        raise ValueError(f"{path}: is the working directory or above it; save into a new one")
+    other = sorted(p.name for p in path.iterdir() if not _CHECKPOINT_ENTRY.match(p.name))
+    if other:
+        shown = ", ".join(other[:3]) + (f" and {len(other) - 3} more" if len(other) > 3 else "")
+        raise ValueError(
+            f"{path}: holds {shown} besides a checkpoint; saving replaces the whole "
+            "directory, so save into an empty or new one"
+        )
 
 
 def ensure_writable_dir(path: Path, *, create: bool = True) -> None:
@@ -348,7 +380,22 @@ def _umask() -> int:
     return mask
 
 
+def _fsync(path: Path) -> None:
+    """Flushes a file or directory entry to disk (directories: where the OS allows it)."""
+    try:
+        fd = os.open(path, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
 def _fsync_dir(path: Path) -> None:
+    """Flushes every file in `path`, then `path` itself."""
     for f in path.iterdir():
-        with open(f, "rb") as fh:
-            os.fsync(fh.fileno())
+        _fsync(f)
+    _fsync(path)

@@ -158,6 +158,9 @@ class HybridConfig:
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
         if not self.router_aux_loss_coef >= 0:
             raise ValueError(f"router_aux_loss_coef must be >= 0, got {self.router_aux_loss_coef}")
+        for name in ("postnorm", "tie_word_embeddings", "norm_linear_decay"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name} must be true or false, got {getattr(self, name)!r}")
         shared = self.shared_intermediate_size
         if not isinstance(shared, int) or isinstance(shared, bool) or shared < 0:
             raise ValueError(f"shared_intermediate_size must be an int >= 0, got {shared!r}")
@@ -291,16 +294,23 @@ class HybridConfig:
         if not isinstance(d, dict):
             raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
         own = {f.name for f in dataclasses.fields(cls)}
-        if set(d) <= own:  # lightlong's own field names (to_dict)
-            pass
-        elif d.get("model_type") == "minimax" or ("layer_types" in d and "num_hidden_layers" in d):
-            d = _from_transformers(d, source)
-        elif (
-            "attn_type_list" in d
-            or d.get("model_type") in (*MODEL_TYPES, "MiniMaxText01", "MiniMaxM1")
-            or "num_hidden_layers" in d
-        ):
-            d = _from_released(d, source)
+        try:
+            if set(d) <= own:  # lightlong's own field names (to_dict)
+                pass
+            elif d.get("model_type") == "minimax" or (
+                "layer_types" in d and "num_hidden_layers" in d
+            ):
+                d = _from_transformers(d, source)
+            elif (
+                "attn_type_list" in d
+                or d.get("model_type") in (*MODEL_TYPES, "MiniMaxText01", "MiniMaxM1")
+                or "num_hidden_layers" in d
+            ):
+                d = _from_released(d, source)
+        except (TypeError, KeyError, AttributeError, ValueError) as e:  # a field's type
+            if str(e).startswith(source):
+                raise
+            raise ValueError(f"{source}: a field has the wrong type or value ({e})") from None
         unknown = sorted(set(d) - own)
         if unknown:
             raise ValueError(f"{source}: unknown fields {unknown}; valid: {sorted(own)}")
@@ -314,9 +324,11 @@ class HybridConfig:
         """Reads a `config.json` in any of the three formats."""
         path = Path(path)
         try:
-            d = json.loads(path.read_text())
+            d = json.loads(path.read_text(encoding="utf-8"))
         except json.JSONDecodeError as e:
             raise ValueError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
+        except UnicodeDecodeError as e:
+            raise ValueError(f"{path}: not UTF-8 (byte offset {e.start})") from None
         return cls.from_dict(d, source=str(path))
 
     def save_json(self, path: str | Path, *, format: str = "minimax") -> None:
@@ -379,6 +391,8 @@ def _shared_fields(d: dict[str, Any]) -> dict[str, Any]:
 def _from_released(d: dict[str, Any], source: str) -> dict[str, Any]:
     """Released MiniMax-Text-01 / MiniMax-M1 fields onto HybridConfig's."""
     _check_common(d, source)
+    if d.get("num_key_value_heads", 0) is None:  # the released class: None means MHA
+        d = d | {"num_key_value_heads": d.get("num_attention_heads")}
     d = _RELEASED_DEFAULTS | {k: v for k, v in d.items() if v is not None}
     if "attn_type_list" not in d:
         raise ValueError(f"{source}: missing field 'attn_type_list' (0 lightning, 1 softmax)")

@@ -79,7 +79,7 @@ def load_model_tokenizer(ref: str | Path, tokenizer: str | Path | None = None) -
     readable), else the one saved in the checkpoint `ref` resolves to, else (a preset or
     config file) UTF-8 bytes."""
     if tokenizer is not None:
-        return load_tokenizer(tokenizer)
+        return load_tokenizer(tokenizer, required=True)
     found = resolve_model(ref)
     return load_tokenizer(found) if isinstance(found, Path) else ByteTokenizer()
 
@@ -91,15 +91,23 @@ def generation_config(ref: str | Path) -> dict:
     if not isinstance(found, Path) or not (found / GENERATION_FILE).is_file():
         return {}
     try:
-        config = json.loads((found / GENERATION_FILE).read_text())
-    except json.JSONDecodeError as e:
-        raise CheckpointError(f"{found / GENERATION_FILE}: malformed JSON ({e.msg})") from None
+        config = json.loads((found / GENERATION_FILE).read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as e:
+        raise CheckpointError(f"{found / GENERATION_FILE}: not valid JSON ({e})") from None
     if not isinstance(config, dict):
         raise CheckpointError(f"{found / GENERATION_FILE}: expected a JSON object")
     return config
 
 
 def eos_token_ids(config: dict) -> list[int]:
-    """generation_config's eos_token_id as a list (it may be None, an int or a list)."""
+    """generation_config's eos_token_id as a list (it may be None, an int or a list of
+    ints); CheckpointError for anything else."""
     eos = config.get("eos_token_id")
-    return [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
+    ids = [] if eos is None else [eos] if isinstance(eos, int) else eos
+    if not isinstance(ids, list) or not all(
+        isinstance(i, int) and not isinstance(i, bool) and i >= 0 for i in ids
+    ):
+        raise CheckpointError(
+            f"{GENERATION_FILE}: eos_token_id must be a token id or a list of them, got {eos!r}"
+        )
+    return ids

@@ -228,6 +228,7 @@ def train_run(cfg: AblateConfig, variant: str, lr: float, seed: int) -> dict:
     print(f"{variant} ({config.pattern}) lr {lr:g} seed {seed}: training", flush=True)
     t0 = time.perf_counter()
     trainer = Trainer(tc)
+    trainer.resume_hint = False
     final = trainer.fit()
     trainer.raise_if_stopped(tc.out_dir)
     seconds = time.perf_counter() - t0

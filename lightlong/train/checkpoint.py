@@ -9,7 +9,7 @@ hidden partial directory, which resume ignores.
 
 from __future__ import annotations
 
-import os
+import io
 import pickle
 import shutil
 import zipfile
@@ -44,13 +44,11 @@ def save_checkpoint(
     all). Returns the checkpoint's path."""
     out = Path(out_dir)
     final = out / f"step-{step}"
-    tmp = out / f".step-{step}.partial-{os.getpid()}"
-    save_weights(config, weights, tmp, tokenizer=tokenizer)  # creates out_dir, or says why not
-    torch.save(state, tmp / STATE_FILE)
-    (tmp / MARKER).write_text(f"{step}\n")
-    if final.exists():
-        shutil.rmtree(final)
-    os.replace(tmp, final)
+    buffer = io.BytesIO()
+    torch.save(state, buffer)
+    # one rename puts the weights, the trainer state and the COMPLETE marker in place
+    extra = {STATE_FILE: buffer.getvalue(), MARKER: f"{step}\n".encode()}
+    save_weights(config, weights, final, tokenizer=tokenizer, extra_files=extra)
     if keep_last > 0:
         for old in complete_checkpoints(out)[:-keep_last]:
             shutil.rmtree(old, ignore_errors=True)
@@ -81,7 +79,8 @@ def load_trainer_state(path: str | Path) -> dict:
     file = Path(path) / STATE_FILE
     try:
         state = torch.load(file, map_location="cpu", weights_only=False)
-    except (RuntimeError, EOFError, pickle.UnpicklingError, zipfile.BadZipFile) as e:
+    except (RuntimeError, EOFError, OSError, ValueError, pickle.UnpicklingError,
+            zipfile.BadZipFile) as e:  # fmt: skip
         raise CheckpointError(f"{file}: cannot read the trainer state ({e})") from None
     if not isinstance(state, dict) or "step" not in state:
         raise CheckpointError(f"{file}: not a trainer state")

@@ -157,8 +157,12 @@ class TrainConfig:
 
 def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
-        raise ValueError(f"config file {path} does not exist")
-    text = path.read_text()
+        raise ValueError(f"config file {path} " + ("is not a file" if path.exists() else
+                                                   "does not exist"))  # fmt: skip
+    try:
+        text = path.read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"config file {path}: not UTF-8 (byte offset {e.start})") from None
     try:
         if path.suffix == ".toml":
             data = tomllib.loads(text)

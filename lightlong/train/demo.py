@@ -84,6 +84,7 @@ def run_demo(cfg: DemoConfig) -> dict:
         ).validate()  # fmt: skip
         t0 = time.perf_counter()
         trainer = Trainer(tc)
+        trainer.resume_hint = False
         print(f"{preset}: {trainer.model.param_count()['total'] / 1e6:.2f}M params", flush=True)
         final = trainer.fit()
         trainer.raise_if_stopped(preset)

@@ -52,6 +52,9 @@ class TrainingInterrupted(KeyboardInterrupt):
         return type(self), (str(self), self.signum)
 
 
+# What a trainer state must hold to resume from it
+_STATE_KEYS = ("step", "optimizer", "scheduler", "data", "rng", "nonfinite_total",
+               "nonfinite_run")  # fmt: skip
 # TrainConfig keys that fix the shape of the data a checkpoint's state belongs to
 _DATA_KEYS = ("task", "seq_len", "batch_size", "grad_accum", "num_pairs", "num_queries",
               "min_pairs", "data_files", "text_field", "tokenizer")  # fmt: skip
@@ -90,6 +93,9 @@ class Trainer:
         self.nonfinite_total = self.nonfinite_run = 0
         self.resumed_from = self._resume(candidates)
         self._stop_signal: int | None = None
+        self.resume_hint = True
+        """Say how to resume when a signal stops `fit` (commands that train several models,
+        whose runs cannot be resumed from their command line, turn it off)."""
 
     # -- setup -----------------------------------------------------------------------------
 
@@ -117,9 +123,10 @@ class Trainer:
         c, V = self.cfg, self.model.config.vocab_size
         local = c.batch_size // c.grad_accum
         if c.task == "text":
-            from lightlong.tokenizer import load_tokenizer
+            from lightlong.model.source import load_model_tokenizer
 
-            tok = self.tokenizer = load_tokenizer(c.tokenizer or None)
+            # tokenizer= when given, else the one a checkpoint to fine-tune was trained on
+            tok = self.tokenizer = load_model_tokenizer(c.model, c.tokenizer or None)
             if tok.vocab_size > V:
                 raise ValueError(f"tokenizer has {tok.vocab_size} ids, the model {V}")
             make = lambda files: TextData(  # noqa: E731
@@ -249,7 +256,7 @@ class Trainer:
             saved = self.save()
         if bar is not None:
             bar.close()
-        if self.stopped and self.main:
+        if self.stopped and self.main and self.resume_hint:
             print(
                 f"lightlong: {self.stopped} at step {self.step} of {c.steps}: saved {saved}; "
                 f"resume with the same command and resume=auto out_dir={self.out}",
@@ -330,18 +337,28 @@ class Trainer:
 
     def _resume(self, candidates) -> Path | None:
         """Loads the first of `candidates` that reads; with resume=auto one that does not is
-        skipped with a warning saying why. A checkpoint of another model or data shape is
-        refused (ValueError) before anything is loaded."""
+        skipped with a warning saying why (and, in one process, moved to step-N.broken-TIME).
+        A checkpoint of another model or data shape is refused (ValueError) before anything
+        is loaded."""
         for path in candidates:
             try:
                 self._refuse_mismatch(path)
                 weights = HybridLM.from_pretrained(path, dtype=torch.float32).state_dict()
                 state = load_trainer_state(path)
+                missing = [k for k in _STATE_KEYS if k not in state]
+                if missing:
+                    raise CheckpointError(f"{path}: trainer state lacks {missing}")
             except CheckpointError as e:
                 if self.cfg.resume != "auto":
                     raise
+                where = ""
+                if self.world == 1:  # out of keep_last's count, kept for a look (with
+                    # several ranks, others may still be reading it: left in place)
+                    aside = path.with_name(f"{path.name}.broken-{int(time.time())}")
+                    os.replace(path, aside)
+                    where = f" (moved to {aside.name})"
                 if self.main:
-                    warnings.warn(f"resume: skipping {path}: {e}", stacklevel=2)
+                    warnings.warn(f"resume: skipping {path}{where}: {e}", stacklevel=2)
                 continue
             self._refuse_data_mismatch(path, state)
             self._load(weights, state)
@@ -355,6 +372,8 @@ class Trainer:
             saved = HybridConfig.from_json(path / "config.json")
         except ValueError as e:
             raise CheckpointError(str(e)) from None
+        except OSError as e:
+            raise CheckpointError(f"{path / 'config.json'}: {e.strerror or e}") from None
         ours, theirs = self.model.config.to_minimax_dict(), saved.to_minimax_dict()
         differ = [k for k in ours.keys() | theirs.keys() if ours.get(k) != theirs.get(k)]
         if differ:
