@@ -108,6 +108,8 @@ class HFTokenizer:
             raise ValueError(f"cannot load tokenizer {file}: {e}") from None
         self.path = file
         config = _read_config(file.parent / CONFIG_FILE)
+        self.config: dict[str, Any] = dict(config or {})
+        """tokenizer_config.json as read (chat_template, pad_token, ... are kept on save)."""
         self._eos = self._special_id(config, "eos_token", file.parent / CONFIG_FILE)
         self._bos = self._special_id(config, "bos_token", file.parent / CONFIG_FILE)
 
@@ -220,7 +222,8 @@ def save_tokenizer(tokenizer: Tokenizer | str, directory: str | Path) -> None:
     elif isinstance(tokenizer, HFTokenizer):
         tok = tokenizer.tokenizer
         tok.save(str(out / TOKENIZER_FILE))
-        config = _hf_config(
+        # the source's other fields (chat_template, pad_token, ...) go along
+        config = tokenizer.config | _hf_config(
             _token(tok, tokenizer.eos_token_id), _token(tok, tokenizer.bos_token_id)
         )
     else:

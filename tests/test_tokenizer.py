@@ -10,11 +10,14 @@ import pytest
 from conftest import lightlong_cli
 
 from lightlong.tokenizer import (
+    CONFIG_FILE,
+    TOKENIZER_FILE,
     ByteTokenizer,
     HFTokenizer,
     IncrementalDecoder,
     Tokenizer,
     load_tokenizer,
+    save_tokenizer,
     train_bpe,
 )
 
@@ -242,3 +245,33 @@ def test_cli_tokenizer_train_error(tmp_path):
     assert proc.returncode == 2
     assert "lightlong: error: training file not found" in proc.stderr
     assert "missing.txt" in proc.stderr
+
+
+def test_save_tokenizer_round_trips_and_keeps_the_config(trained, tmp_path):
+    """A checkpoint's copy of a tokenizer encodes alike and keeps tokenizer_config.json's
+    other fields (a chat template, pad_token) beside eos and bos."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / TOKENIZER_FILE).write_bytes(Path(trained[0].path).read_bytes())
+    template = "{% for m in messages %}{{ m['content'] }}{% endfor %}"
+    config = {"eos_token": "<|endoftext|>", "bos_token": None, "pad_token": "<|endoftext|>",
+              "chat_template": template}  # fmt: skip
+    (src / CONFIG_FILE).write_text(json.dumps(config))
+    tok = HFTokenizer(src)
+    (tmp_path / "out").mkdir()
+    save_tokenizer(tok, tmp_path / "out")
+    saved = json.loads((tmp_path / "out" / CONFIG_FILE).read_text())
+    assert saved["chat_template"] == template and saved["pad_token"] == "<|endoftext|>"
+    back = load_tokenizer(tmp_path / "out")
+    text = "hello world, again"
+    assert back.encode(text) == tok.encode(text)
+    assert (back.eos_token_id, back.bos_token_id) == (tok.eos_token_id, None)
+    for marker, kind in ((ByteTokenizer(), ByteTokenizer), ("synthetic task recall", None)):
+        d = tmp_path / f"m{kind is None}"
+        d.mkdir()
+        save_tokenizer(marker, d)
+        if kind is None:
+            with pytest.warns(UserWarning, match="synthetic task recall"):
+                assert isinstance(load_tokenizer(d), ByteTokenizer)
+        else:
+            assert isinstance(load_tokenizer(d), ByteTokenizer)
