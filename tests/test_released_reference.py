@@ -95,6 +95,7 @@ def test_transformers_native_schema_as_transformers_runs_it():
         ({"architectures": ["LlamaForCausalLM"]}, "LlamaForCausalLM"),
         ({"shared_intermediate_size": 8, "shared_moe_mode": "softmax"}, "shared_moe_mode"),
         ({"shared_intermediate_size": [8, 0, 0, 0]}, "differs by layer"),
+        ({"attn_type_list": [0, 1]}, "attn_type_list has 2 entries, num_hidden_layers is 4"),
     ],
 )
 def test_unsupported_released_fields_are_refused_by_name(fields, match):

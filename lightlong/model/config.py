@@ -397,6 +397,11 @@ def _from_released(d: dict[str, Any], source: str) -> dict[str, Any]:
     if "attn_type_list" not in d:
         raise ValueError(f"{source}: missing field 'attn_type_list' (0 lightning, 1 softmax)")
     codes = d["attn_type_list"]
+    if len(codes) != d["num_hidden_layers"]:
+        raise ValueError(
+            f"{source}: attn_type_list has {len(codes)} entries, num_hidden_layers is "
+            f"{d['num_hidden_layers']}"
+        )
     bad = [(i, c) for i, c in enumerate(codes) if c not in (0, 1)]
     if bad:
         i, code = bad[0]
@@ -453,6 +458,11 @@ def _from_transformers(d: dict[str, Any], source: str) -> dict[str, Any]:
         "full_attention" if i % 2 == 0 else "linear_attention"
         for i in range(d["num_hidden_layers"])
     ]
+    if len(names) != d["num_hidden_layers"]:
+        raise ValueError(
+            f"{source}: layer_types has {len(names)} entries, num_hidden_layers is "
+            f"{d['num_hidden_layers']}"
+        )
     unknown = sorted({t for t in names if t not in _HF_LAYER_TYPES})
     if unknown:
         raise ValueError(f"{source}: unknown layer_types {unknown}; valid: {list(_HF_LAYER_TYPES)}")
