@@ -294,7 +294,7 @@ def test_bad_checkpoints_raise_clear_errors(ckpt, tmp_path):
     fields = json.loads((bad / "config.json").read_text())
     fields["attn_type_list"] = fields["attn_type_list"][:-1]
     (bad / "config.json").write_text(json.dumps(fields))
-    with pytest.raises(ValueError, match=r"config\.json: layer_types must have num_layers = 4"):
+    with pytest.raises(ValueError, match=r"config\.json: attn_type_list has 3 entries"):
         AutoModelForCausalLM.from_pretrained(bad)
 
 
