@@ -23,14 +23,18 @@ C = TypeVar("C")
 
 
 def field_docs(cls: type) -> dict[str, str]:
-    """The docstring under each field of a dataclass (the string literal after it)."""
-    tree = ast.parse(textwrap.dedent(inspect.getsource(cls)))
-    body = tree.body[0].body
+    """The docstring under each field of a dataclass (the string literal after it), its
+    dataclass bases' fields included (a subclass's own docstring wins)."""
     docs = {}
-    for node, nxt in itertools.pairwise(body):
-        is_doc = isinstance(nxt, ast.Expr) and isinstance(getattr(nxt, "value", None), ast.Constant)
-        if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and is_doc:
-            docs[node.target.id] = str(nxt.value.value).strip()
+    for klass in reversed(cls.__mro__):
+        if not dataclasses.is_dataclass(klass):
+            continue
+        body = ast.parse(textwrap.dedent(inspect.getsource(klass))).body[0].body
+        for node, nxt in itertools.pairwise(body):
+            value = getattr(nxt, "value", None)
+            is_doc = isinstance(nxt, ast.Expr) and isinstance(value, ast.Constant)
+            if isinstance(node, ast.AnnAssign) and isinstance(node.target, ast.Name) and is_doc:
+                docs[node.target.id] = str(value.value).strip()
     return docs
 
 

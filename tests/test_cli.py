@@ -273,3 +273,15 @@ def test_bench_command_small_run_writes_its_report(cli, bench_in_process, tmp_pa
     assert report["config"]["preset"] == "tiny"
     assert (tmp_path / f"{command}-cpu.md").read_text().startswith("|")
     assert (tmp_path / f"{command}-cpu.png").stat().st_size > 0
+
+
+def test_help_of_a_config_subclass_has_its_base_fields_docstrings():
+    """demo and ablate share the recipe's fields (RecipeConfig): their help keeps the docs."""
+    from lightlong.config import field_docs
+    from lightlong.train.ablate import AblateConfig
+    from lightlong.train.demo import DemoConfig
+
+    for cls in (DemoConfig, AblateConfig):
+        docs = field_docs(cls)
+        assert docs["min_pairs"].startswith("Recall: training samples have min_pairs")
+        assert set(docs) == {f.name for f in dataclasses.fields(cls)}

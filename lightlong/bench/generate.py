@@ -30,6 +30,7 @@ from lightlong.bench.model import (
 from lightlong.bench.report import fmt, ratio, target, targets_line
 from lightlong.bench.worker import log, run_in_fresh_process
 from lightlong.model import HybridConfig, HybridLM
+from lightlong.units import length
 
 DEFAULT_CONTEXTS = [2**i for i in range(10, 19, 2)]  # 1K, 4K, 16K, 64K, 256K
 
@@ -165,7 +166,7 @@ def _summarise(cfg, contexts, context_rows, batched, continuation, err) -> dict:
     targets = {
         "linear_decode_flat": target(
             ratio(at(lin, longest, "decode_tok_s"), at(lin, min(contexts), "decode_tok_s")),
-            ">=", 0.9, f"{p}-linear decode tok/s {longest // 1024}K/{min(contexts) // 1024}K",
+            ">=", 0.9, f"{p}-linear decode tok/s {length(longest)}/{length(min(contexts))}",
         ),
         "decode_vs_transformers_4K": target(
             ratio(at(ours, 4096, "decode_tok_s"), at(hf, 4096, "decode_tok_s")), ">=", 3,

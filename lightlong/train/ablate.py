@@ -34,8 +34,8 @@ from pathlib import Path
 from lightlong.bench.machine import describe_machine
 from lightlong.model import HybridConfig
 from lightlong.model.config import PRESETS
-from lightlong.train.config import TrainConfig
-from lightlong.train.data import TASKS, SyntheticData, SyntheticTask
+from lightlong.train.config import RecipeConfig, TrainConfig
+from lightlong.train.data import SyntheticData, SyntheticTask
 from lightlong.train.loop import Trainer, answer_totals
 
 VARIANTS = {
@@ -51,7 +51,7 @@ _TEST_SEED = 2_000_003
 
 
 @dataclass
-class AblateConfig:
+class AblateConfig(RecipeConfig):
     """What `lightlong ablate` trains and measures."""
 
     preset: str = "demo"
@@ -63,20 +63,6 @@ class AblateConfig:
     """lightning, linear, cosformer, norm_linear, window, diag, softmax (commas also separate)."""
     data: list[str] = field(default_factory=list)
     """Text files (.txt/.jsonl) to train on; empty: the synthetic `task`."""
-    task: str = "recall"
-    """Synthetic task: recall (MQAR), retrieval (MQAR + passkey), passkey, copy, selective_copy."""
-    seq_len: int = 48
-    """Training length (tokens)."""
-    num_pairs: int = 8
-    """Synthetic: key-value pairs (MQAR) and needle tokens (passkey)."""
-    num_queries: int = 8
-    """Synthetic: MQAR queries per sample."""
-    min_pairs: int = 1
-    """MQAR: training samples have min_pairs … num_pairs pairs (0: always num_pairs)."""
-    steps: int = 1000
-    """Optimizer steps per run."""
-    batch_size: int = 32
-    """Samples per step."""
     lrs: list[float] = field(default_factory=lambda: [1e-3, 3e-3, 1e-2])
     """Peak learning rates swept for every variant on the first seed."""
     seeds: list[int] = field(default_factory=lambda: [0, 1, 2])
@@ -85,8 +71,6 @@ class AblateConfig:
     """Span of window (window_size) and diag (block) layers; 0: seq_len // 4."""
     length_factor: int = 4
     """Retrieval is measured at seq_len and seq_len × this."""
-    eval_batches: int = 8
-    """Held-out batches per measurement (synthetic)."""
     niah_samples: int = 8
     """Text: NIAH prompts per length."""
     workers: int = 1
@@ -104,8 +88,8 @@ class AblateConfig:
         bad = [v for v in self.variants if v not in VARIANTS]
         if not self.variants or bad:
             raise ValueError(f"variants must be some of {list(VARIANTS)}, got {self.variants}")
-        for name in ("seq_len", "num_pairs", "num_queries", "steps", "batch_size",
-                     "length_factor", "eval_batches", "niah_samples", "workers"):  # fmt: skip
+        self.validate_recipe()
+        for name in ("length_factor", "niah_samples", "workers"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         if not self.lrs or any(not lr > 0 for lr in self.lrs):
@@ -114,11 +98,6 @@ class AblateConfig:
             raise ValueError(f"seeds must be one or more distinct ints, got {self.seeds}")
         if self.window < 0:
             raise ValueError(f"window must be >= 0, got {self.window}")
-        if not 0 <= self.min_pairs <= self.num_pairs:
-            raise ValueError(f"min_pairs must be in [0, num_pairs={self.num_pairs}], got "
-                             f"{self.min_pairs}")  # fmt: skip
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         return self
 
     @property

@@ -155,6 +155,42 @@ class TrainConfig:
         return cls(**values).validate()
 
 
+@dataclass
+class RecipeConfig:
+    """The synthetic-task recipe that `lightlong demo` and `lightlong ablate` train every
+    model on alike (each adds what it compares)."""
+
+    task: str = "recall"
+    """Synthetic task: recall (multi-query associative recall), retrieval (recall or
+    passkey), passkey, copy or selective_copy."""
+    seq_len: int = 48
+    """Training length (tokens)."""
+    num_pairs: int = 8
+    """Key-value pairs (recall) or answer tokens (passkey, copy, selective_copy)."""
+    num_queries: int = 8
+    """Recall: queries per sample."""
+    min_pairs: int = 1
+    """Recall: training samples have min_pairs … num_pairs pairs (0: always num_pairs)."""
+    steps: int = 1000
+    """Optimizer steps per model."""
+    batch_size: int = 32
+    """Samples per step."""
+    eval_batches: int = 8
+    """Held-out batches per measurement."""
+
+    def validate_recipe(self) -> None:
+        """Raises ValueError naming the field."""
+        if self.task not in TASKS:
+            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
+        for name in ("seq_len", "num_pairs", "num_queries", "steps", "batch_size",
+                     "eval_batches"):  # fmt: skip
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
+        if not 0 <= self.min_pairs <= self.num_pairs:
+            raise ValueError(f"min_pairs must be in [0, num_pairs={self.num_pairs}], got "
+                             f"{self.min_pairs}")  # fmt: skip
+
+
 def _read(path: Path) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"config file {path} " + ("is not a file" if path.exists() else

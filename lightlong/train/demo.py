@@ -17,38 +17,21 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from lightlong.bench.machine import describe_machine
-from lightlong.train.config import TrainConfig
-from lightlong.train.data import TASKS
+from lightlong.train.config import RecipeConfig, TrainConfig
 from lightlong.train.loop import Trainer
 
 
 @dataclass
-class DemoConfig:
-    """What `lightlong demo` trains and measures."""
+class DemoConfig(RecipeConfig):
+    """What `lightlong demo` trains and measures (the recipe's fields, then these)."""
 
     presets: list[str] = field(default_factory=lambda: ["demo", "demo-linear", "demo-softmax"])
     """Models to train (equal size: the same preset with other layer types)."""
-    task: str = "recall"
-    """Synthetic task: recall, copy, passkey, selective_copy or retrieval."""
-    seq_len: int = 48
-    """Training length."""
-    num_pairs: int = 8
-    """Key-value pairs (recall) or tokens to copy (copy, passkey, selective_copy)."""
-    num_queries: int = 8
-    """Recall: queries per sample."""
-    min_pairs: int = 1
-    """Recall: training samples have min_pairs … num_pairs pairs (0: always num_pairs)."""
-    steps: int = 1000
-    """Optimizer steps per model."""
-    batch_size: int = 32
-    """Samples per step."""
     lr: float = 1e-3
     """Peak learning rate (the best of 1e-3, 3e-3, 1e-2 for all three models in
     `lightlong ablate`'s sweep)."""
     length_factors: list[int] = field(default_factory=lambda: [1, 2, 4])
     """Accuracy is measured at seq_len times each factor (must include 1)."""
-    eval_batches: int = 8
-    """Held-out batches per length."""
     seed: int = 0
     """Weights and data seed."""
     out_dir: str = "runs/demo"
@@ -56,10 +39,9 @@ class DemoConfig:
 
     def validate(self) -> DemoConfig:
         """Raises ValueError naming the field; returns self."""
+        self.validate_recipe()
         if not self.presets:
             raise ValueError("presets must name at least one model")
-        if self.task not in TASKS:
-            raise ValueError(f"task must be one of {TASKS}, got {self.task!r}")
         if any(f < 1 for f in self.length_factors) or 1 not in self.length_factors:
             raise ValueError(
                 f"length_factors must be >= 1 and include 1, got {self.length_factors}"
