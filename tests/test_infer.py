@@ -189,8 +189,8 @@ def test_stacked_cache_decode_matches_single_row_caches(variant):
     stacked = HybridCache.stack(singles)
     longest = max(len(p) for p in prompts)
     assert stacked.length == longest
-    assert stacked.pad.tolist() == [longest - len(p) for p in prompts]
-    assert stacked.seen.tolist() == [len(p) for p in prompts]
+    assert stacked.lengths == stacked.seen.tolist() == [len(p) for p in prompts]
+    assert isinstance(stacked.start, torch.Tensor)  # rows of different lengths
     tokens_SB = random_ids(4, batch=len(prompts), seed=12).T  # 4 steps
     # the full forward of each prompt + its tokens, from the last prompt position on
     full = [
@@ -209,9 +209,10 @@ def test_stacked_cache_decode_matches_single_row_caches(variant):
 
 
 @pytest.mark.parametrize("variant", ["hybrid", "softmax", *LINEAGE])
-def test_batch_of_one_with_padding_matches_fresh_sequence(variant):
-    """A cache whose only row is padded (freed by reset, and stacked alone): a new sequence
-    run through it, in a multi-token chunk and then token by token, equals the full forward."""
+def test_batch_of_one_reset_matches_fresh_sequence(variant):
+    """A cache whose only row was freed by reset (and that row stacked alone): a new
+    sequence run through it, in a multi-token chunk and then token by token, equals the
+    full forward."""
     model = make_model(tiny(VARIANTS[variant]))
     old, new = random_ids(9, seed=13), random_ids(12, seed=14)
     ref = full_logits(model, new)
@@ -219,9 +220,9 @@ def test_batch_of_one_with_padding_matches_fresh_sequence(variant):
     with torch.no_grad():
         model(old[None], cache=cache)
         cache.reset([0])
-        assert cache.pad.tolist() == [9]
+        assert cache.lengths == [0]
         stacked = HybridCache.stack([cache])
-        assert stacked.pad.tolist() == [9] and stacked.batch_size == 1
+        assert stacked.lengths == [0] and stacked.batch_size == 1
         for c in (cache, stacked):
             out = [model(new[None, :5], cache=c).logits]
             out += [model(new[None, t : t + 1], cache=c).logits for t in range(5, 12)]
@@ -231,8 +232,9 @@ def test_batch_of_one_with_padding_matches_fresh_sequence(variant):
 # ---------------------------------------------------------------------- cached_attention
 
 
-def reference_cached_attention(q, k_cache, v_cache, start, pad):
-    """Explicit masked softmax in fp64: GQA by repeat_interleave, one mask entry at a time."""
+def reference_cached_attention(q, k_cache, v_cache, start):
+    """Explicit masked softmax in fp64: GQA by repeat_interleave, one mask entry at a time;
+    start is one slot or a list of one per row."""
     B, T, H, D = q.shape
     G, L = k_cache.shape[1], k_cache.shape[2]
     k = k_cache.double().repeat_interleave(H // G, dim=1)  # [B, H, L, D]
@@ -240,25 +242,22 @@ def reference_cached_attention(q, k_cache, v_cache, start, pad):
     scores_BHTL = torch.einsum("bthd,bhld->bhtl", q.double(), k) / D**0.5
     mask_BTL = torch.zeros(B, T, L, dtype=torch.bool)
     for b in range(B):
-        p = 0 if pad is None else int(pad[b])
         for t in range(T):
-            slot = start + t
-            if slot < p:  # the query is padding itself: it sees only itself
-                mask_BTL[b, t, slot] = True
-            else:
-                mask_BTL[b, t, p : slot + 1] = True
+            slot = (start if isinstance(start, int) else start[b]) + t
+            mask_BTL[b, t, : slot + 1] = True
     scores_BHTL = scores_BHTL.masked_fill(~mask_BTL[:, None], float("-inf"))
     return torch.einsum("bhtl,bhld->bthd", scores_BHTL.softmax(dim=-1), v)
 
 
-CACHED_CASES = {
-    "B1-T1-nopad": (1, 1, 6, None, 0),
-    "B3-T1-nopad": (3, 1, 10, None, 0),
-    "B1-T1-pad": (1, 1, 9, [4], 0),
-    "B1-T5-pad-start": (1, 5, 7, [3], 2),
-    "B3-T1-pad": (3, 1, 11, [0, 5, 11], 0),
-    "B2-T7-start-nopad": (2, 7, 5, None, 3),
-    "B3-T6-pads-over-queries": (3, 6, 4, [0, 6, 9], 5),
+CACHED_CASES = {  # B, T, start (one, or per row), slots past the longest row's new tokens
+    "B1-T1": (1, 1, 6, 0),
+    "B3-T1": (3, 1, 10, 0),
+    "B1-T1-extra": (1, 1, 9, 4),
+    "B1-T5-start": (1, 5, 7, 2),
+    "B3-T1-rows": (3, 1, [11, 6, 0], 0),
+    "B2-T7-start": (2, 7, 5, 3),
+    "B3-T6-rows": (3, 6, [4, 9, 0], 5),
+    "B2-T1-rows-equal": (2, 1, [3, 3], 0),
 }
 
 
@@ -266,21 +265,24 @@ CACHED_CASES = {
 @pytest.mark.parametrize("chunked", [False, True], ids=["one-mask", "mask-chunks"])
 @pytest.mark.parametrize("case", list(CACHED_CASES))
 def test_cached_attention_matches_masked_reference(case, chunked, dtype, monkeypatch):
-    B, T, start, pad, extra = CACHED_CASES[case]
+    B, T, start, extra = CACHED_CASES[case]
     H, G, D = 4, 2, 8
-    L = start + T + extra  # slots past the new tokens hold garbage no query may see
+    longest = start if isinstance(start, int) else max(start)
+    L = longest + T + extra  # slots past a row's new tokens hold garbage no query may see
     g = torch.Generator().manual_seed(20)
     q = torch.randn(B, T, H, D, generator=g, dtype=dtype)
     k_cache = torch.randn(B, G, L, D, generator=g, dtype=dtype)
     v_cache = torch.randn(B, G, L, D, generator=g, dtype=dtype)
-    k_cache[:, :, start + T :] = 1e4
-    v_cache[:, :, start + T :] = 1e4
-    pad_B = None if pad is None else torch.tensor(pad)
+    for b in range(B):
+        end = (start if isinstance(start, int) else start[b]) + T
+        k_cache[b, :, end:] = 1e4
+        v_cache[b, :, end:] = 1e4
+    start_arg = start if isinstance(start, int) else torch.tensor(start)
     if chunked:  # a mask budget of two query rows: several SDPA calls
         monkeypatch.setattr(attention_ops, "_MASK_BYTES", 2 * B * L)
-    out = cached_attention(q, k_cache, v_cache, start=start, pad=pad_B)
+    out = cached_attention(q, k_cache, v_cache, start=start_arg)
     assert out.shape == (B, T, H, D) and out.dtype == dtype
-    ref = reference_cached_attention(q, k_cache, v_cache, start, pad_B)
+    ref = reference_cached_attention(q, k_cache, v_cache, start)
     assert_close(out, ref, {torch.float32: 1e-5, torch.float64: 1e-12}[dtype], case)
 
 
@@ -380,7 +382,7 @@ def test_prefix_cache_reuses_shared_prefix():
 
 def fake_snapshot(length: int, nbytes: int) -> CacheSnapshot:
     state = torch.zeros(nbytes // 4, dtype=torch.float32)
-    return CacheSnapshot({0: state}, {}, {}, length, torch.zeros(1, dtype=torch.int64))
+    return CacheSnapshot({0: state}, {}, {}, (length,))
 
 
 def test_prefix_cache_evicts_least_recently_used_by_bytes():
@@ -429,7 +431,7 @@ def three_row_cache(model: HybridLM) -> HybridCache:
     )
 
 
-def test_reorder_permutes_states_kv_and_pad():
+def test_reorder_permutes_states_kv_and_lengths():
     model = make_model()
     cache = three_row_cache(model)
     perm = [2, 0, 1]
@@ -441,7 +443,7 @@ def test_reorder_permutes_states_kv_and_pad():
     for i, k in before.keys.items():
         assert torch.equal(cache.keys[i][:, :, : cache.length], k[perm])
         assert torch.equal(cache.values[i][:, :, : cache.length], before.values[i][perm])
-    assert cache.pad.tolist() == before.pad[perm].tolist()
+    assert cache.lengths == [before.lengths[i] for i in perm]
     with pytest.raises(ValueError, match="beam_idx"):
         cache.reorder([0, 1])
 
@@ -450,7 +452,7 @@ def test_select_shrinks_and_rows_keep_decoding():
     model = make_model()
     cache, ref = three_row_cache(model), three_row_cache(model)
     cache.select([2, 2])
-    assert cache.batch_size == 2 and cache.pad.tolist() == [3, 3]
+    assert cache.batch_size == 2 and cache.lengths == [8, 8]
     assert all(s.shape[0] == 2 for s in cache.states.values())
     tok = torch.tensor([[7], [7], [7]])
     with torch.no_grad():
@@ -458,7 +460,7 @@ def test_select_shrinks_and_rows_keep_decoding():
         out_ref = model(tok, cache=ref).logits[:, -1]
     assert_close(out, out_ref[[2, 2]], 1e-6, "selected rows")
     cache.select([1])
-    assert cache.batch_size == 1 and cache.pad is not None
+    assert cache.batch_size == 1 and cache.lengths == [9]  # row 2: 8 tokens + 1 decoded
     with pytest.raises(ValueError, match="indices"):
         cache.select([])
     with pytest.raises(ValueError, match="indices"):

@@ -6,10 +6,14 @@ top-p, then greedy or seeded multinomial sampling.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
+
+MAX_LOGPROBS = 20
+"""Most alternatives per token `SamplingParams.logprobs` may ask for (OpenAI's limit)."""
 
 
 @dataclass
@@ -26,6 +30,13 @@ class SamplingParams:
     """Sample among the smallest set of tokens whose probability reaches p; 1 keeps all."""
     repetition_penalty: float = 1.0
     """CTRL's penalty on tokens already in the prompt or output (>1 discourages); 1 is off."""
+    presence_penalty: float = 0.0
+    """OpenAI's: subtracted from the logit of every token already generated, in [-2, 2]."""
+    frequency_penalty: float = 0.0
+    """OpenAI's: subtracted once per earlier occurrence in the output, in [-2, 2]."""
+    logprobs: int | None = None
+    """Return the chosen token's log-probability and this many most likely alternatives
+    (0 ... 20), from the model's distribution before any processing; None returns none."""
     seed: int | None = None
     """Seed of each row's sampler (a row gives the same tokens alone or in a batch)."""
     stop_token_ids: list[int] = field(default_factory=list)
@@ -47,6 +58,15 @@ class SamplingParams:
             raise ValueError(f"top_p must be in (0, 1], got {self.top_p}")
         if not self.repetition_penalty > 0:
             raise ValueError(f"repetition_penalty must be > 0, got {self.repetition_penalty}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            if not -2 <= getattr(self, name) <= 2:
+                raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
+        if self.logprobs is not None and (
+            not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS
+        ):
+            raise ValueError(
+                f"logprobs must be an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
+            )
         bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"stop_token_ids must be in [0, vocab_size={vocab_size}), got {bad}")
@@ -55,39 +75,88 @@ class SamplingParams:
         return self
 
 
-def process_logits(logits: Tensor, params: SamplingParams, presence: Tensor | None) -> Tensor:
-    """Applies the repetition penalty, temperature, top-k and top-p to logits [B, V].
+def process_logits(
+    logits: Tensor,
+    params: SamplingParams | Sequence[SamplingParams],
+    presence: Tensor | None = None,
+    counts: Tensor | None = None,
+) -> Tensor:
+    """Applies the repetition, presence and frequency penalties, temperature, top-k and
+    top-p to logits [B, V], each row with its own parameters.
 
-    presence: bool [B, V], tokens already seen per row (for the repetition penalty).
-    Returns fp32 logits with removed tokens at -inf (unchanged when greedy).
+    params: one for every row, or one per row.
+    presence: bool [B, V], tokens already in each row's prompt or output (repetition penalty).
+    counts: int [B, V], times each token was generated in each row (presence and frequency
+        penalties).
+    Returns fp32 logits with removed tokens at -inf (greedy rows only penalized).
     """
+    B = logits.shape[0]
+    rows = [params] * B if isinstance(params, SamplingParams) else list(params)
+    if len(rows) != B:
+        raise ValueError(f"params must be one SamplingParams or one per row ({B}), got {len(rows)}")
     logits = logits.float()
-    p = params.repetition_penalty
-    if p != 1.0 and presence is not None:
-        penalized = torch.where(logits > 0, logits / p, logits * p)
+
+    def column(name: str) -> Tensor:
+        return logits.new_tensor([getattr(p, name) for p in rows])[:, None]  # [B, 1]
+
+    if presence is not None and any(p.repetition_penalty != 1.0 for p in rows):
+        rep_B1 = column("repetition_penalty")
+        penalized = torch.where(logits > 0, logits / rep_B1, logits * rep_B1)
         logits = torch.where(presence, penalized, logits)
-    if params.temperature == 0:
+    if counts is not None and any(p.presence_penalty or p.frequency_penalty for p in rows):
+        counts = counts.float()
+        logits = (
+            logits
+            - column("presence_penalty") * (counts > 0)
+            - column("frequency_penalty") * counts
+        )
+    greedy = [p.temperature == 0 for p in rows]
+    if all(greedy):
         return logits
-    logits = logits / params.temperature
-    if 0 < params.top_k < logits.shape[-1]:
-        kth = torch.topk(logits, params.top_k, dim=-1).values[:, -1:]
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, dim=-1, descending=True)
+    temperature_B1 = column("temperature")
+    sampled = logits / torch.where(temperature_B1 > 0, temperature_B1, 1.0)
+    V = logits.shape[-1]
+    top_k = [p.top_k if 0 < p.top_k < V else V for p in rows]
+    if min(top_k) < V:
+        largest = torch.topk(sampled, max(top_k), dim=-1).values
+        kth_B1 = largest.gather(-1, torch.tensor(top_k, device=logits.device)[:, None] - 1)
+        sampled = sampled.masked_fill(sampled < kth_B1, float("-inf"))
+    if any(p.top_p < 1.0 for p in rows):
+        top_p_B1 = column("top_p")
+        sorted_logits, order = torch.sort(sampled, dim=-1, descending=True)
         probs = torch.softmax(sorted_logits, dim=-1)
         # Drop a token when the tokens before it already reach p (the first always stays).
-        drop_sorted = (probs.cumsum(dim=-1) - probs) >= params.top_p
+        drop_sorted = ((probs.cumsum(dim=-1) - probs) >= top_p_B1) & (top_p_B1 < 1.0)
         drop = drop_sorted.scatter(-1, order, drop_sorted)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+        sampled = sampled.masked_fill(drop, float("-inf"))
+    greedy_B1 = torch.tensor(greedy, device=logits.device)[:, None]
+    return torch.where(greedy_B1, logits, sampled)
 
 
-def sample(logits: Tensor, params: SamplingParams, generators: list[torch.Generator]) -> Tensor:
-    """Next tokens int64 [B] from processed logits [B, V]: argmax when greedy, else one draw
-    per row from softmax(logits) with that row's generator."""
-    if params.temperature == 0:
-        return logits.argmax(dim=-1)
-    probs = torch.softmax(logits, dim=-1)
-    return torch.cat(
-        [torch.multinomial(probs[b], 1, generator=g) for b, g in enumerate(generators)]
-    )
+def sample(
+    logits: Tensor,
+    params: SamplingParams | Sequence[SamplingParams],
+    generators: Sequence[torch.Generator],
+) -> Tensor:
+    """Next tokens int64 [B] from processed logits [B, V]: argmax for greedy rows, else one
+    draw per row from softmax(logits) with that row's generator."""
+    B = logits.shape[0]
+    rows = [params] * B if isinstance(params, SamplingParams) else list(params)
+    next_B = logits.argmax(dim=-1)
+    drawn = [b for b, p in enumerate(rows) if p.temperature != 0]
+    if drawn:
+        probs = torch.softmax(logits[drawn], dim=-1)
+        draws = [
+            torch.multinomial(probs[i], 1, generator=generators[b]) for i, b in enumerate(drawn)
+        ]
+        next_B[drawn] = torch.cat(draws)
+    return next_B
+
+
+def token_logprobs(logits: Tensor, chosen: Tensor, top: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Log-probabilities from logits [B, V]: of the chosen tokens int64 [B] (fp32 [B]), and
+    the `top` most likely tokens' ids and log-probabilities (int64 / fp32 [B, top])."""
+    logp_BV = torch.log_softmax(logits.float(), dim=-1)
+    chosen_B = logp_BV.gather(-1, chosen[:, None])[:, 0]
+    top_lp, top_ids = torch.topk(logp_BV, top, dim=-1)
+    return chosen_B, top_ids, top_lp

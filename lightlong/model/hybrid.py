@@ -118,7 +118,7 @@ class HybridLM(nn.Module):
         if input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be int64, got {input_ids.dtype}")
         B, T = input_ids.shape
-        seen = 0 if cache is None else int(cache.seen.max())
+        seen = 0 if cache is None else cache.length
         if c.max_position_embeddings < seen + T:
             raise ValueError(
                 f"input_ids has T={T} tokens after {seen} cached, over max_position_embeddings="
@@ -139,9 +139,10 @@ class HybridLM(nn.Module):
         if cache is None:
             positions = positions_in_sequence(T, cu_seqlens, x.device)
         else:
-            positions = torch.arange(cache.length, cache.length + T, device=x.device)
-            if cache.pad is not None:  # [B, T]: each row counts from its first token
-                positions = (positions[None, :] - cache.pad[:, None]).clamp(min=0)
+            start = cache.start  # one int, or int64 [B] for rows of different lengths
+            positions = torch.arange(T, device=x.device) + (
+                start if isinstance(start, int) else start[:, None]
+            )
         rope = rotary_cos_sin(positions, c.rotary_dim, c.rope_theta, x.dtype)
         seq = SequenceInfo(cu_seqlens, rope, positions, cache)
         aux = None if cache is not None else x.new_zeros((), dtype=torch.float32)

@@ -34,21 +34,19 @@ class LayerCache(Protocol):
     """What the model and its mixers use of an inference cache (`lightlong.infer.HybridCache`)."""
 
     batch_size: int
-    length: int
-    """Slots filled before this forward pass; the new tokens take the next T."""
 
     @property
-    def seen(self) -> Tensor:
-        """int64 [B] tokens each row has seen."""
+    def length(self) -> int:
+        """Tokens of the longest row before this forward pass."""
+        ...
+
+    @property
+    def start(self) -> int | Tensor:
+        """Where the new tokens go (each row's length): one int for all rows, or int64 [B]."""
         ...
 
     def advance(self, num_tokens: int) -> None:
         """Marks the new tokens as stored, after the last layer."""
-        ...
-
-    @property
-    def pad(self) -> Tensor | None:
-        """int64 [B] left-padding slots per row, or None."""
         ...
 
     def linear_state(self, layer_idx: int) -> Tensor:
@@ -221,9 +219,9 @@ class SoftmaxAttention(nn.Module):
         cache's KV) -> [B, T, H, E]."""
         if seq.cache is None:
             return causal_attention(q, k, v, cu_seqlens=seq.cu_seqlens)
-        start = seq.cache.length
+        start = seq.cache.start
         k_BGLE, v_BGLE = seq.cache.append_kv(self.layer_idx, k, v)
-        return cached_attention(q, k_BGLE, v_BGLE, start=start, pad=seq.cache.pad)
+        return cached_attention(q, k_BGLE, v_BGLE, start=start)
 
 
 class LocalAttention(SoftmaxAttention):

@@ -81,41 +81,34 @@ def causal_attention(
 _MASK_BYTES = 32 * 2**20
 
 
-def cached_attention(
-    q: Tensor, k_cache: Tensor, v_cache: Tensor, *, start: int, pad: Tensor | None = None
-) -> Tensor:
+def cached_attention(q: Tensor, k_cache: Tensor, v_cache: Tensor, *, start: int | Tensor) -> Tensor:
     """Causal softmax attention (GQA, scale 1/√D) of new queries over a KV cache.
 
     q [B, T, H, D] are the tokens at cache slots start … start + T − 1; k_cache/v_cache
-    [B, G, L, D] hold slots 0 … L − 1 (L >= start + T, the new tokens included). Row b's
-    first pad[b] slots are left padding: no query attends to them (a query that is itself a
-    pad attends only to itself, so nothing is NaN). Returns [B, T, H, D].
+    [B, G, L, D] hold slots 0 … L − 1 (L >= start + T, the new tokens included). `start` is
+    one slot for every row, or int64 [B], one per row (rows of different lengths): then a
+    row's slots past start_b + T − 1 are not its own and no query of it sees them.
+    Returns [B, T, H, D].
     """
     B, T = q.shape[:2]
     L = k_cache.shape[2]
     q_BHTD = q.transpose(1, 2)
-    if pad is None and T == 1:  # decoding without padding: every cached slot is visible
+    per_row = isinstance(start, Tensor)
+    if not per_row and T == 1 and start + 1 == L:  # decoding: every cached slot is visible
         out = F.scaled_dot_product_attention(q_BHTD, k_cache, v_cache, enable_gqa=True)
         return out.transpose(1, 2)
-    if pad is None and start + T == L and q.device.type == "cpu":
+    if not per_row and start + T == L and q.device.type == "cpu":
         return _past_and_causal(q_BHTD, k_cache, v_cache, start).transpose(1, 2)
     slot_L = torch.arange(L, device=q.device)
+    start_B1 = start.to(q.device)[:, None] if per_row else torch.tensor([[start]], device=q.device)
     step = max(1, _MASK_BYTES // (B * L))
     outs = []
     for a in range(0, T, step):
-        query_t = torch.arange(start + a, start + min(a + step, T), device=q.device)
-        visible_tL = slot_L[None, :] <= query_t[:, None]
-        if pad is None:
-            mask = visible_tL
-        else:
-            after_pad_BL = slot_L[None, :] >= pad.to(q.device)[:, None]
-            mask = (visible_tL[None] & after_pad_BL[:, None]) | (
-                slot_L[None, :] == query_t[:, None]
-            )
-            mask = mask[:, None]  # [B, 1, t, L]
+        query_Bt = start_B1 + torch.arange(a, min(a + step, T), device=q.device)
+        mask_B1tL = (slot_L <= query_Bt[..., None])[:, None]
         outs.append(
             F.scaled_dot_product_attention(
-                q_BHTD[:, :, a : a + step], k_cache, v_cache, attn_mask=mask, enable_gqa=True
+                q_BHTD[:, :, a : a + step], k_cache, v_cache, attn_mask=mask_B1tL, enable_gqa=True
             )
         )
     return torch.cat(outs, dim=2).transpose(1, 2)

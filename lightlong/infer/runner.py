@@ -1,0 +1,398 @@
+"""`Runner`: one model step at a time over a pool of rows, for batched and continuous
+generation.
+
+A `Seq` is one sequence to generate: its prompt is prefilled alone into a single-row cache
+(`Runner.prefill`, a few tokens per call, so a caller can interleave it with decoding),
+then `admit`ted as a row of the runner's pool. Each `step` samples one token for every
+row, drops the rows that finished, and runs the rest through the model in one batched
+forward. Rows have their own lengths and sampling parameters, so sequences can join and
+leave between any two steps; `Engine` drives a runner for one batch, the server's
+scheduler for a stream of requests.
+
+# B rows, V vocabulary
+"""
+
+from __future__ import annotations
+
+import numbers
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from lightlong.infer.cache import HybridCache
+from lightlong.infer.prefix import PrefixCache
+from lightlong.infer.sampling import SamplingParams, process_logits, sample, token_logprobs
+from lightlong.model import HybridLM
+from lightlong.tokenizer import IncrementalDecoder, Tokenizer
+
+
+@dataclass(frozen=True)
+class StreamEvent:
+    """One generated token of one row."""
+
+    row: int
+    """Index of the prompt in the request (`Seq.index`)."""
+    token_id: int
+    text: str
+    """Text this token completes (may be empty while a character or stop string is pending)."""
+    finish_reason: str | None = None
+    """'stop' (stop token or string), 'length' (max_new_tokens), or None while running."""
+    logprob: float | None = None
+    """log p(token) under the model, when `SamplingParams.logprobs` is set."""
+    top_logprobs: tuple[tuple[int, float], ...] = ()
+    """The `SamplingParams.logprobs` most likely (token id, log p), most likely first."""
+
+
+@dataclass
+class GenerationStats:
+    """Counts and times of a runner (for `Engine`, of its last request)."""
+
+    prefill_tokens: int = 0
+    """Prompt tokens run through the model (prefix-cache hits not counted)."""
+    reused_tokens: int = 0
+    """Prompt tokens restored from prefix snapshots."""
+    prefill_seconds: float = 0.0
+    decode_tokens: int = 0
+    decode_seconds: float = 0.0
+    cache_bytes: dict[str, int] = field(default_factory=dict)
+    """`HybridCache.memory_bytes()` of the pool (for `Engine`, once every row is admitted)."""
+
+    @property
+    def prefill_tok_s(self) -> float:
+        return self.prefill_tokens / self.prefill_seconds if self.prefill_seconds else 0.0
+
+    @property
+    def decode_tok_s(self) -> float:
+        return self.decode_tokens / self.decode_seconds if self.decode_seconds else 0.0
+
+
+class Seq:
+    """One sequence: its prompt, sampling parameters and generator, its prefill progress
+    and its output. Made by `Runner.new_seq`."""
+
+    def __init__(
+        self,
+        index: int,
+        prompt: list[int],
+        params: SamplingParams,
+        stop_ids: set[int],
+        generator: torch.Generator,
+        tokenizer: Tokenizer | None,
+    ):
+        self.index, self.prompt, self.params = index, prompt, params
+        self.stop_ids, self.generator = stop_ids, generator
+        self.output: list[int] = []
+        self.done = False
+        self.reused = 0  # prompt tokens restored from a prefix snapshot
+        self.prefilled = 0  # prompt tokens in the cache (restored or run)
+        self.cache: HybridCache | None = None  # the prefill's single-row cache
+        self.logits: Tensor | None = None  # fp32 [1, V] for the first token, once prefilled
+        self._out = _Output(index, tokenizer, params.stop)
+
+    @property
+    def ready(self) -> bool:
+        """The whole prompt is prefilled: the sequence can be admitted."""
+        return self.logits is not None
+
+    def __repr__(self) -> str:
+        return f"Seq(index={self.index}, prompt={len(self.prompt)}, output={len(self.output)})"
+
+
+class Runner:
+    """Prefill, admission and batched decode steps over a pool of `max_num_seqs` rows.
+
+    Args:
+        model: the model (put in eval mode).
+        tokenizer: for stop strings, text output and the end-of-text token.
+        max_num_seqs: rows of the pool (sequences decoding at once).
+        prefill_chunk: most tokens per prefill forward pass (bounds activation memory).
+        prefix_cache: snapshots to restore prompt prefixes from; each prefill stores one at
+            its last `prefix_cache.chunk_size` boundary.
+        capacity: KV slots per row to allocate up front (grows by doubling past it).
+    """
+
+    def __init__(
+        self,
+        model: HybridLM,
+        tokenizer: Tokenizer | None = None,
+        *,
+        max_num_seqs: int,
+        prefill_chunk: int = 4096,
+        prefix_cache: PrefixCache | None = None,
+        capacity: int = 0,
+    ):
+        if max_num_seqs < 1 or prefill_chunk < 1:
+            raise ValueError(
+                f"max_num_seqs and prefill_chunk must be >= 1, got {max_num_seqs}, {prefill_chunk}"
+            )
+        check_tokenizer(model, tokenizer)
+        self.model, self.tokenizer = model.eval(), tokenizer
+        self.prefill_chunk, self.prefix_cache = prefill_chunk, prefix_cache
+        self.cache = HybridCache.for_model(model, 0, capacity, max_batch_size=max_num_seqs)
+        self.running: list[Seq] = []  # in the cache's row order
+        self.stats = GenerationStats()
+        V = model.config.vocab_size
+        self._device = model.lm_head.weight.device
+        self._logits_BV = torch.zeros(max_num_seqs, V, device=self._device)
+        # Tokens seen per row (repetition penalty) and generated per row (presence and
+        # frequency penalties): allocated when a row first needs them.
+        self._presence_BV: Tensor | None = None
+        self._counts_BV: Tensor | None = None
+        # A model may have more ids than its tokenizer (padded or untrained rows): never
+        # sample one that cannot be decoded.
+        self._usable = V if tokenizer is None else tokenizer.vocab_size
+
+    @property
+    def max_num_seqs(self) -> int:
+        return self.cache.max_batch_size
+
+    # -- sequences -------------------------------------------------------------------------
+
+    def check(
+        self, prompt: Sequence[int], params: SamplingParams, name: str = "prompt"
+    ) -> list[int]:
+        """Validates a prompt and its parameters (ValueError naming the problem); returns
+        the prompt as a list of ints."""
+        c = self.model.config
+        params.validate(c.vocab_size)
+        ids = check_prompt(prompt, c.vocab_size, name)
+        if len(ids) + params.max_new_tokens > c.max_position_embeddings:
+            raise ValueError(
+                f"{name} ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
+                f"the model's max_position_embeddings={c.max_position_embeddings}"
+            )
+        if params.stop and self.tokenizer is None:
+            raise ValueError("stop strings need a tokenizer")
+        return ids
+
+    def new_seq(
+        self, prompt: Sequence[int], params: SamplingParams, *, seed: int, index: int = 0
+    ) -> Seq:
+        """A sequence to prefill and admit; `seed` seeds its sampler (the same seed gives
+        the same tokens whatever else runs beside it)."""
+        ids = self.check(prompt, params)
+        stop_ids = set(params.stop_token_ids)
+        eos = None if self.tokenizer is None else self.tokenizer.eos_token_id
+        if eos is not None and not params.ignore_eos:
+            stop_ids.add(eos)
+        generator = torch.Generator(self._device).manual_seed(seed)
+        return Seq(index, ids, params, stop_ids, generator, self.tokenizer)
+
+    # -- prefill ---------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def prefill(self, seq: Seq, max_tokens: int) -> int:
+        """Runs up to `max_tokens` more of seq's prompt into its single-row cache (a first
+        call restores the longest stored prefix first). After the last prompt token the
+        logits for the first output token are kept and seq is `ready`.
+
+        Returns the prompt tokens run by this call (restored ones not counted).
+        """
+        if seq.ready:
+            return 0
+        n = len(seq.prompt)
+        if seq.cache is None:
+            seq.cache = HybridCache.for_model(self.model, 1, capacity=n)
+            if self.prefix_cache is not None:
+                seq.reused, snap = self.prefix_cache.lookup(seq.prompt)
+                if snap is not None:
+                    seq.cache.restore(snap)
+                seq.prefilled = seq.reused
+                self.stats.reused_tokens += seq.reused
+        boundary = None
+        if self.prefix_cache is not None:
+            boundary = (n - 1) // self.prefix_cache.chunk_size * self.prefix_cache.chunk_size
+        t0 = time.perf_counter()
+        ran = 0
+        while ran < max_tokens and seq.prefilled < n:
+            a = seq.prefilled
+            b = min(n, a + self.prefill_chunk, a + max_tokens - ran)
+            if boundary is not None and a < boundary < b:
+                b = boundary  # stop there to store the snapshot
+            ids_1T = torch.tensor(seq.prompt[a:b], dtype=torch.int64, device=self._device)
+            out = self.model(ids_1T[None], cache=seq.cache, logits_to_keep=int(b == n))
+            if b == boundary:
+                self.prefix_cache.insert(seq.prompt[:b], seq.cache.snapshot())
+            seq.prefilled, ran = b, ran + b - a
+            if b == n:
+                seq.logits = out.logits[:, -1].float()
+        self.stats.prefill_seconds += time.perf_counter() - t0
+        self.stats.prefill_tokens += ran
+        return ran
+
+    # -- the pool --------------------------------------------------------------------------
+
+    def admit(self, seq: Seq, source: Seq | None = None) -> None:
+        """Makes a prefilled seq a row of the pool. With `source` (a ready seq of the same
+        prompt, e.g. another of a request's n choices) its prefill is copied instead."""
+        src = seq if source is None else source
+        if not src.ready:
+            raise ValueError("seq must be prefilled (ready) before it is admitted")
+        if source is not None and source.prompt != seq.prompt:
+            raise ValueError("source must be a sequence of the same prompt")
+        b = self.cache.insert(src.cache)
+        self.running.append(seq)
+        self._logits_BV[b] = src.logits[0]
+        seq.reused, seq.prefilled = src.reused, src.prefilled
+        self._set_history(b, seq)
+        seq.logits = src.logits
+        if source is None:
+            seq.cache = None  # copied into the pool: the single-row cache is no longer needed
+
+    def release(self, seq: Seq) -> None:
+        """Drops seq: frees its row at once if it is running, and its prefill cache."""
+        seq.done, seq.cache = True, None
+        if seq in self.running:
+            self._remove(self.running.index(seq))
+
+    @torch.no_grad()
+    def step(self) -> list[tuple[Seq, StreamEvent]]:
+        """Samples one token for every running row, frees the rows that finished, and runs
+        the others' tokens through the model (one batched forward). Returns each row's
+        event, in row order."""
+        rows = list(self.running)
+        if not rows:
+            return []
+        t0 = time.perf_counter()
+        B = len(rows)
+        logits_BV = self._logits_BV[:B]
+        logits_BV[:, self._usable :] = float("-inf")
+        params = [s.params for s in rows]
+        presence = None if self._presence_BV is None else self._presence_BV[:B]
+        counts = None if self._counts_BV is None else self._counts_BV[:B]
+        processed_BV = process_logits(logits_BV, params, presence, counts)
+        next_B = sample(processed_BV, params, [s.generator for s in rows])
+        top = max((p.logprobs for p in params if p.logprobs is not None), default=None)
+        if top is not None:
+            chosen_lp, top_ids, top_lp = (
+                t.tolist() for t in token_logprobs(logits_BV, next_B, top)
+            )
+        if presence is not None:
+            presence[torch.arange(B), next_B] = True
+        if counts is not None:
+            counts[torch.arange(B), next_B] += 1
+        events = []
+        for b, (seq, tok) in enumerate(zip(rows, next_B.tolist(), strict=True)):
+            seq.output.append(tok)
+            last = len(seq.output) == seq.params.max_new_tokens
+            ev = seq._out.push(tok, tok in seq.stop_ids, last)
+            if seq.params.logprobs is not None:
+                k = seq.params.logprobs
+                alternatives = tuple(zip(top_ids[b][:k], top_lp[b][:k], strict=True))
+                ev = _with_logprobs(ev, chosen_lp[b], alternatives)
+            seq.done = ev.finish_reason is not None
+            events.append((seq, ev))
+        self.stats.decode_tokens += B
+        for b in reversed(range(B)):
+            if rows[b].done:
+                self._remove(b)
+        if self.running:  # the survivors' tokens, in their (possibly moved) rows' order
+            tokens = [s.output[-1] for s in self.running]
+            tokens_B1 = torch.tensor(tokens, dtype=torch.int64, device=self._device)[:, None]
+            out = self.model(tokens_B1, cache=self.cache, logits_to_keep=1)
+            self._logits_BV[: len(tokens)] = out.logits[:, -1].float()
+        self.stats.decode_seconds += time.perf_counter() - t0
+        return events
+
+    def _remove(self, b: int) -> None:
+        """Frees row b; the last row moves into it (the cache, logits and histories alike)."""
+        last = len(self.running) - 1
+        self.cache.remove(b)
+        if b != last:
+            for buf in (self._logits_BV, self._presence_BV, self._counts_BV):
+                if buf is not None:
+                    buf[b] = buf[last]
+        self.running[b] = self.running[last]
+        self.running.pop()
+
+    def _set_history(self, b: int, seq: Seq) -> None:
+        """Row b's penalty buffers from seq's prompt and output (allocated on first need)."""
+        p = seq.params
+        V, S = self._logits_BV.shape[1], self.max_num_seqs
+        if p.repetition_penalty != 1.0 and self._presence_BV is None:
+            self._presence_BV = torch.zeros(S, V, dtype=torch.bool, device=self._device)
+            for r, s in enumerate(self.running[:b]):
+                self._presence_BV[r, s.prompt + s.output] = True
+        if (p.presence_penalty or p.frequency_penalty) and self._counts_BV is None:
+            self._counts_BV = torch.zeros(S, V, dtype=torch.int32, device=self._device)
+            for r, s in enumerate(self.running[:b]):
+                _count(self._counts_BV[r], s.output)
+        if self._presence_BV is not None:
+            self._presence_BV[b] = False
+            self._presence_BV[b, seq.prompt + seq.output] = True
+        if self._counts_BV is not None:
+            self._counts_BV[b] = 0
+            _count(self._counts_BV[b], seq.output)
+
+
+def check_prompt(ids: Sequence[int] | Tensor, vocab_size: int, name: str) -> list[int]:
+    """ids as a list of ints; ValueError naming `name` if empty or outside the vocabulary."""
+    ids = ids.tolist() if isinstance(ids, Tensor) else list(ids)
+    if not ids:
+        raise ValueError(f"{name} is empty: a prompt needs at least one token")
+    if any(not isinstance(t, numbers.Integral) or not 0 <= t < vocab_size for t in ids):
+        raise ValueError(f"{name} must be token ids in [0, vocab_size={vocab_size})")
+    return [int(t) for t in ids]
+
+
+def check_tokenizer(model: HybridLM, tokenizer: Tokenizer | None) -> None:
+    """ValueError when the tokenizer has ids the model does not."""
+    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+        raise ValueError(
+            f"tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
+            f"vocab_size={model.config.vocab_size}"
+        )
+
+
+def _count(counts_V: Tensor, ids: list[int]) -> None:
+    """Adds one to counts_V (int32 [V]) per occurrence of each id."""
+    if ids:
+        idx = torch.tensor(ids, dtype=torch.int64, device=counts_V.device)
+        counts_V.index_add_(0, idx, torch.ones_like(idx, dtype=counts_V.dtype))
+
+
+def _with_logprobs(
+    ev: StreamEvent, logprob: float, alternatives: tuple[tuple[int, float], ...]
+) -> StreamEvent:
+    return StreamEvent(ev.row, ev.token_id, ev.text, ev.finish_reason, logprob, alternatives)
+
+
+class _Output:
+    """One row's output: text decoding, stop strings and the stop decision."""
+
+    def __init__(self, index: int, tokenizer: Tokenizer | None, stop: Sequence[str]):
+        self.index, self.stop = index, list(stop)
+        self.decoder = IncrementalDecoder(tokenizer) if tokenizer is not None else None
+        self.longest_stop = max((len(s) for s in self.stop), default=0)
+        self.text = ""  # everything decoded so far
+        self.emitted = 0  # characters of text already sent
+
+    def push(self, token: int, is_stop_token: bool, is_last: bool) -> StreamEvent:
+        """Adds a sampled token; returns its event (with a finish reason if the row ends)."""
+        reason = "stop" if is_stop_token else ("length" if is_last else None)
+        if self.decoder is not None and not is_stop_token:
+            self.text += self.decoder.push(token)
+        end = len(self.text)
+        # A stop string not found before `emitted` can only end in the new text.
+        start = max(0, self.emitted - self.longest_stop)
+        hits = [i for i in (self.text.find(s, start) for s in self.stop) if i >= 0]
+        if hits:
+            end, reason = min(hits), "stop"
+        elif reason is None:
+            end -= self._pending_stop_prefix()
+        elif self.decoder is not None:
+            self.text += self.decoder.flush()
+            end = len(self.text)
+        delta = self.text[self.emitted : end]
+        self.emitted = max(self.emitted, end)
+        return StreamEvent(self.index, token, delta, reason)
+
+    def _pending_stop_prefix(self) -> int:
+        """Length of the longest end of text that could begin a stop string (held back)."""
+        return max(
+            (n for s in self.stop for n in range(1, len(s)) if self.text.endswith(s[:n])),
+            default=0,
+        )
