@@ -40,6 +40,22 @@ def _info(args: argparse.Namespace) -> None:
     print(describe(resolve_config(args.model), args.context, args.batch, parse_dtype(args.dtype)))
 
 
+def _serve(args: argparse.Namespace) -> None:
+    from lightlong.serve.config import ServerConfig
+
+    cfg = config_from_args(ServerConfig, args).validate()
+    if args.print_config:
+        print(json.dumps(dataclasses.asdict(cfg), indent=2))
+        return
+    try:
+        from lightlong.serve.server import run_server
+    except ImportError as e:
+        raise ValueError(
+            f"lightlong serve needs the serve extra (pip install 'lightlong[serve]'): {e}"
+        ) from None
+    run_server(cfg)
+
+
 def _tokenizer_train(args: argparse.Namespace) -> None:
     from lightlong.tokenizer import train_bpe
 
@@ -144,6 +160,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lightlong.bench.train import TrainBenchConfig, run_train_bench
     from lightlong.eval.runner import TASKS as EVAL_TASKS
     from lightlong.eval.runner import EvalConfig
+    from lightlong.serve.config import ServerConfig
     from lightlong.train.ablate import AblateConfig, run_ablation
     from lightlong.train.config import TrainConfig
     from lightlong.train.demo import DemoConfig, run_demo
@@ -204,6 +221,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_args(evaluate, EvalConfig)
     evaluate.set_defaults(func=_eval)
+
+    serve = commands.add_parser(
+        "serve", help="OpenAI-compatible HTTP server with continuous batching (serve extra)"
+    )
+    add_config_args(serve, ServerConfig)
+    serve.set_defaults(func=_serve)
 
     info = commands.add_parser("info", help="architecture, parameter counts, memory plan")
     info.add_argument("model", help="preset, checkpoint or run directory, or config .json")

@@ -104,6 +104,9 @@ def add_config_args(parser: argparse.ArgumentParser, cls: type) -> None:
     for f in dataclasses.fields(cls):
         flag = "--" + f.name.replace("_", "-")
         kind = hints[f.name]
+        args = [a for a in typing.get_args(kind) if a is not type(None)]
+        if len(args) == 1 and type(None) in typing.get_args(kind):  # X | None: a flag of X
+            kind = args[0]
         # the flag's own default stays None: only flags given override --config
         help_ = with_default(docs.get(f.name, "").replace("%", "%%"), field_default(f))
         if kind is bool:

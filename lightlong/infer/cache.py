@@ -120,6 +120,13 @@ class HybridCache:
             capacity=capacity, **kwargs,
         )  # fmt: skip
 
+    @classmethod
+    def row_bytes(cls, config: HybridConfig, dtype: torch.dtype) -> tuple[int, int]:
+        """Bytes one row needs: (constant: linear states and local KV, softmax KV per token)."""
+        constant = cls(config, 1, device="meta", dtype=dtype).memory_bytes()["total"]
+        kv = 2 * config.layer_types.count("softmax") * config.num_kv_heads * config.head_dim
+        return constant, kv * dtype.itemsize
+
     # -- the rows the model sees -----------------------------------------------------------
 
     @property

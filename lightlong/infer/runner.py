@@ -112,6 +112,8 @@ class Runner:
         prefix_cache: snapshots to restore prompt prefixes from; each prefill stores one at
             its last `prefix_cache.chunk_size` boundary.
         capacity: KV slots per row to allocate up front (grows by doubling past it).
+        stop_token_ids: tokens that end every sequence unless it ignores end-of-text (a
+            checkpoint's generation_config eos ids), besides the tokenizer's end-of-text.
     """
 
     def __init__(
@@ -123,6 +125,7 @@ class Runner:
         prefill_chunk: int = 4096,
         prefix_cache: PrefixCache | None = None,
         capacity: int = 0,
+        stop_token_ids: Sequence[int] = (),
     ):
         if max_num_seqs < 1 or prefill_chunk < 1:
             raise ValueError(
@@ -131,6 +134,8 @@ class Runner:
         check_tokenizer(model, tokenizer)
         self.model, self.tokenizer = model.eval(), tokenizer
         self.prefill_chunk, self.prefix_cache = prefill_chunk, prefix_cache
+        eos = None if tokenizer is None else tokenizer.eos_token_id
+        self.eos_ids = set(stop_token_ids) | ({eos} if eos is not None else set())
         self.cache = HybridCache.for_model(model, 0, capacity, max_batch_size=max_num_seqs)
         self.running: list[Seq] = []  # in the cache's row order
         self.stats = GenerationStats()
@@ -175,9 +180,8 @@ class Runner:
         the same tokens whatever else runs beside it)."""
         ids = self.check(prompt, params)
         stop_ids = set(params.stop_token_ids)
-        eos = None if self.tokenizer is None else self.tokenizer.eos_token_id
-        if eos is not None and not params.ignore_eos:
-            stop_ids.add(eos)
+        if not params.ignore_eos:
+            stop_ids |= self.eos_ids
         generator = torch.Generator(self._device).manual_seed(seed)
         return Seq(index, ids, params, stop_ids, generator, self.tokenizer)
 

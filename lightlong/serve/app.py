@@ -1,0 +1,435 @@
+"""The OpenAI-compatible HTTP API (FastAPI): /v1/models, /v1/completions,
+/v1/chat/completions, /health, /metrics.
+
+Handlers parse and check a request (`protocol`), turn prompts into token ids (the
+tokenizer, the chat template), run it through the `AsyncEngine`, and answer with one JSON
+body or a stream of server-sent events ending in `data: [DONE]`. Every failure is an
+OpenAI error body; an accepted request gets its whole answer or an error, never silence.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+
+from fastapi import FastAPI, Request
+from fastapi.responses import JSONResponse, Response, StreamingResponse
+from starlette.exceptions import HTTPException
+
+from lightlong.infer import SamplingParams
+from lightlong.serve import protocol as api
+from lightlong.serve.chat import ChatTemplate, ChatTemplateError, ReasoningParser
+from lightlong.serve.engine import AsyncEngine, EngineStopped
+from lightlong.serve.scheduler import QueueFull
+from lightlong.serve.scheduler import Request as EngineRequest
+from lightlong.tokenizer import Tokenizer
+
+
+@dataclass
+class AppConfig:
+    """What the app needs besides the engine."""
+
+    model_name: str
+    """The name clients pass as `model`."""
+    max_model_len: int
+    """Most tokens of prompt + output per choice."""
+    api_key: str | None = None
+    """Bearer token every /v1 request must carry; None: no authentication."""
+    max_body_bytes: int = 8 << 20
+    """Largest request body accepted (413 past it)."""
+    reasoning_parser: Callable[[], ReasoningParser] | None = None
+    """Splits chat output into reasoning_content and content (--reasoning-parser)."""
+    created: int = field(default_factory=lambda: int(time.time()))
+
+
+def build_app(
+    engine: AsyncEngine,
+    tokenizer: Tokenizer | None,
+    chat_template: ChatTemplate | None,
+    config: AppConfig,
+) -> FastAPI:
+    """The FastAPI application serving `engine`."""
+    app = FastAPI(title="lightlong", docs_url=None, redoc_url=None, openapi_url=None)
+    vocab_size = engine.runner.model.config.vocab_size
+    max_n = engine.runner.max_num_seqs
+    limits = api.Limits(max_n=max_n, max_tokens=config.max_model_len, vocab_size=vocab_size)
+
+    @app.exception_handler(api.APIError)
+    async def _api_error(_: Request, e: api.APIError) -> JSONResponse:
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(HTTPException)
+    async def _http_error(_: Request, e: HTTPException) -> JSONResponse:
+        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
+        error = api.APIError(e.status_code, str(e.detail), kind)
+        return JSONResponse(error.body(), status_code=e.status_code)
+
+    @app.middleware("http")
+    async def _auth(request: Request, call_next):
+        if config.api_key is not None and request.url.path.startswith("/v1"):
+            given = request.headers.get("authorization", "")
+            expected = f"Bearer {config.api_key}"
+            if not hmac.compare_digest(given.encode(), expected.encode()):
+                error = api.APIError.unauthorized(
+                    "invalid or missing API key: send the header 'Authorization: Bearer <key>'"
+                )
+                return JSONResponse(error.body(), status_code=401)
+        return await call_next(request)
+
+    @app.get("/health")
+    async def health() -> Response:
+        if engine.draining:
+            return JSONResponse({"status": "shutting down"}, status_code=503)
+        return JSONResponse({"status": "ok"})
+
+    @app.get("/metrics")
+    async def metrics() -> Response:
+        return Response(engine.metrics.render(), media_type="text/plain; version=0.0.4")
+
+    @app.get("/v1/models")
+    async def models() -> Response:
+        body = api.models_response([config.model_name], config.created,
+                                   max_model_len=config.max_model_len)  # fmt: skip
+        return JSONResponse(body)
+
+    @app.get("/v1/models/{name:path}")
+    async def model(name: str) -> Response:
+        if name != config.model_name:
+            raise api.APIError.not_found(f"model {name!r} does not exist", param=None)
+        card = api.model_card(name, config.created, max_model_len=config.max_model_len)
+        return JSONResponse(card)
+
+    @app.post("/v1/completions")
+    async def completions(request: Request) -> Response:
+        req = api.parse_completion_request(await _json_body(request, config), limits=limits)
+        _check_model(req.model, config)
+        if req.echo and req.logprobs is not None:
+            raise api.APIError.invalid(
+                "echo with logprobs (log-probabilities of the prompt) is not supported", "echo"
+            )
+        prompts = [_encode(p, tokenizer, f"prompt[{i}]") for i, p in enumerate(req.prompts)]
+        runs = [
+            _Run(engine, p, _params(req, p, config, engine, "prompt"), req.n, req.seed)
+            for p in prompts
+        ]
+        echoes = [
+            _echo(req, p, ids, tokenizer) for p, ids in zip(req.prompts, prompts, strict=True)
+        ]
+        stream = _submit(runs)
+        rid = api.new_id("cmpl")
+        if req.stream:
+            return _sse(_completion_stream(rid, req, runs, stream, echoes, tokenizer, config))
+        choices = await _collect(stream, sum(r.n for r in runs))
+        for c in choices:
+            c.text = echoes[c.index // req.n] + c.text
+        body = api.completion_response(
+            rid, config.model_name, int(time.time()), choices, _usage(runs),
+            decode_token=_token_text(tokenizer),
+        )  # fmt: skip
+        return JSONResponse(body)
+
+    @app.post("/v1/chat/completions")
+    async def chat(request: Request) -> Response:
+        req = api.parse_chat_request(await _json_body(request, config), limits=limits)
+        _check_model(req.model, config)
+        if tokenizer is None or chat_template is None:
+            raise api.APIError.invalid(
+                "this model has no tokenizer, so no chat template: use /v1/completions with "
+                "token ids", "messages",
+            )  # fmt: skip
+        try:
+            text = chat_template.render(
+                req.messages, add_generation_prompt=req.add_generation_prompt,
+                **req.chat_template_kwargs,
+            )  # fmt: skip
+        except ChatTemplateError as e:
+            raise api.APIError.invalid(str(e), "messages") from None
+        ids = _encode(text, tokenizer, "messages")
+        run = _Run(engine, ids, _params(req, ids, config, engine, "messages"), req.n, req.seed)
+        stream = _submit([run])
+        rid = api.new_id("chatcmpl")
+        parser = config.reasoning_parser
+        if req.stream:
+            return _sse(_chat_stream(rid, req, run, stream, tokenizer, config))
+        choices = await _collect(stream, req.n)
+        if parser is not None:
+            for c in choices:
+                c.reasoning_content, c.text = parser().split(c.text)
+        body = api.chat_response(
+            rid, config.model_name, int(time.time()), choices, _usage([run]),
+            decode_token=_token_text(tokenizer),
+        )  # fmt: skip
+        return JSONResponse(body)
+
+    return app
+
+
+# -- requests ------------------------------------------------------------------------------
+
+
+async def _json_body(request: Request, config: AppConfig) -> object:
+    """The decoded JSON body; 413 past the size limit, 400 when it is not JSON."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > config.max_body_bytes:
+        raise _too_large(int(declared), config)
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > config.max_body_bytes:
+            raise _too_large(size, config)
+        chunks.append(chunk)
+    try:
+        return json.loads(b"".join(chunks))
+    except (ValueError, UnicodeDecodeError) as e:
+        raise api.APIError.invalid(f"the request body is not valid JSON: {e}") from None
+
+
+def _too_large(size: int, config: AppConfig) -> api.APIError:
+    return api.APIError(
+        413, f"the request body ({size} bytes) is over the limit of {config.max_body_bytes} bytes",
+        "invalid_request_error", None, "request_too_large",
+    )  # fmt: skip
+
+
+def _check_model(name: str, config: AppConfig) -> None:
+    if name != config.model_name:
+        raise api.APIError.not_found(
+            f"the model {name!r} does not exist; this server serves {config.model_name!r}"
+        )
+
+
+def _encode(prompt: str | list[int], tokenizer: Tokenizer | None, param: str) -> list[int]:
+    if isinstance(prompt, list):
+        return prompt
+    if tokenizer is None:
+        raise api.APIError.invalid(
+            "this model has no tokenizer: send the prompt as token ids", param
+        )
+    ids = tokenizer.encode(prompt)
+    if not ids:
+        raise api.APIError.invalid("the prompt is empty: it needs at least one token", param)
+    return ids
+
+
+def _params(
+    req: api.CompletionRequest | api.ChatRequest,
+    prompt: list[int],
+    config: AppConfig,
+    engine: AsyncEngine,
+    param: str,
+) -> SamplingParams:
+    """The request's sampling parameters for one prompt, checked against the context."""
+    room = config.max_model_len - len(prompt)
+    if room < 1 or (req.max_tokens is not None and req.max_tokens > room):
+        asked = "" if req.max_tokens is None else f" + max_tokens ({req.max_tokens})"
+        raise api.APIError.invalid(
+            f"the prompt has {len(prompt)} tokens{asked}: over this model's context of "
+            f"{config.max_model_len} tokens (--max-model-len)",
+            param if room < 1 or req.max_tokens is None else "max_tokens",
+        )
+    params = req.sampling_params(req.max_tokens if req.max_tokens is not None else room)
+    try:
+        engine.runner.check(prompt, params, name=param)
+    except ValueError as e:
+        raise api.APIError.invalid(str(e), param) from None
+    return params
+
+
+# -- running -------------------------------------------------------------------------------
+
+
+class _Run:
+    """One prompt's request in the engine, with what its answer needs."""
+
+    def __init__(
+        self, engine: AsyncEngine, prompt: list[int], params: SamplingParams, n: int,
+        seed: int | None,
+    ):  # fmt: skip
+        self.engine, self.n = engine, n
+        self.request = EngineRequest(prompt, params, n=n, seed=seed)
+        self.completion_tokens = 0
+
+    @property
+    def prompt_tokens(self) -> int:
+        return len(self.request.prompt)
+
+
+def _submit(runs: list[_Run]) -> AsyncIterator[tuple[int, list]]:
+    """Queues every run's request in the engine (all or none: a refusal aborts the ones
+    queued before it and raises the HTTP error) and returns their merged stream."""
+    streams = []
+    try:
+        for run in runs:
+            streams.append(run.engine.submit(run.request))
+    except (QueueFull, EngineStopped) as e:
+        for run in runs[: len(streams)]:
+            run.engine.abort(run.request)
+        raise _api_error(e) from None
+    return _merge(runs, streams)
+
+
+async def _merge(runs: list[_Run], streams: list) -> AsyncIterator[tuple[int, list]]:
+    """(run index, its updates) as they come, the runs side by side in the engine."""
+    queue: asyncio.Queue = asyncio.Queue()
+
+    async def pump(i: int, run: _Run, stream: AsyncIterator[list]) -> None:
+        try:
+            async for updates in stream:
+                run.completion_tokens += len(updates)
+                await queue.put((i, updates))
+            await queue.put((i, None))
+        except BaseException as e:  # handed to the consumer, which raises it
+            await queue.put((i, e))
+
+    tasks = [
+        asyncio.create_task(pump(i, *rs)) for i, rs in enumerate(zip(runs, streams, strict=True))
+    ]
+    try:
+        open_runs = len(runs)
+        while open_runs:
+            i, item = await queue.get()
+            if item is None:
+                open_runs -= 1
+            elif isinstance(item, BaseException):
+                raise _api_error(item)
+            else:
+                yield i, item
+    finally:
+        for t in tasks:
+            t.cancel()
+
+
+def _api_error(e: BaseException) -> BaseException:
+    if isinstance(e, QueueFull):
+        return api.APIError.rate_limited(str(e))
+    if isinstance(e, EngineStopped):
+        return api.APIError(503, str(e), "server_error", None, "shutting_down")
+    if isinstance(e, ValueError):
+        return api.APIError.invalid(str(e))
+    if isinstance(e, Exception):
+        return api.APIError.server_error(str(e))
+    return e
+
+
+async def _collect(stream: AsyncIterator[tuple[int, list]], total: int) -> list[api.Choice]:
+    """Every choice's whole output (choice index = run index · n + the run's choice)."""
+    choices: dict[int, api.Choice] = {}
+    async for i, updates in stream:
+        for u in updates:
+            index = i * u.request.n + u.choice
+            c = choices.setdefault(index, api.Choice(index))
+            _add(c, u.event)
+    return [choices.get(i, api.Choice(i)) for i in range(total)]
+
+
+def _add(choice: api.Choice, ev) -> None:
+    choice.text += ev.text
+    if ev.logprob is not None:
+        lp = api.TokenLogprob(ev.token_id, ev.logprob, ev.top_logprobs)
+        choice.logprobs = [*(choice.logprobs or []), lp]
+    if ev.finish_reason is not None:
+        choice.finish_reason = ev.finish_reason
+
+
+def _usage(runs: list[_Run]) -> dict:
+    return api.usage(
+        sum(r.prompt_tokens * r.n for r in runs),
+        sum(r.completion_tokens for r in runs),
+        sum(r.request.reused * r.n for r in runs),
+    )
+
+
+def _echo(req: api.CompletionRequest, prompt, ids: list[int], tokenizer) -> str:
+    if not req.echo:
+        return ""
+    if isinstance(prompt, str):
+        return prompt
+    return tokenizer.decode(ids) if tokenizer is not None else ""
+
+
+def _token_text(tokenizer: Tokenizer | None) -> Callable[[int], str]:
+    if tokenizer is None:
+        return lambda t: f"<{t}>"
+    return lambda t: tokenizer.decode([t])
+
+
+# -- streaming -----------------------------------------------------------------------------
+
+
+def _sse(events: AsyncIterator[bytes]) -> StreamingResponse:
+    return StreamingResponse(
+        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+    )
+
+
+async def _completion_stream(
+    rid: str, req: api.CompletionRequest, runs: list[_Run], stream, echoes: list[str],
+    tokenizer: Tokenizer | None, config: AppConfig,
+) -> AsyncIterator[bytes]:  # fmt: skip
+    created, decode = int(time.time()), _token_text(tokenizer)
+    offsets: dict[int, int] = {}
+    try:
+        async for i, updates in stream:
+            choices = []
+            for u in updates:
+                index = i * req.n + u.choice
+                c = api.Choice(index, text_offset=offsets.get(index, 0))
+                if index not in offsets and echoes[i]:
+                    c.text = echoes[i]
+                _add(c, u.event)
+                offsets[index] = c.text_offset + len(c.text)
+                choices.append(c)
+            body = api.completion_chunk(
+                rid, config.model_name, created, choices, decode_token=decode
+            )
+            yield api.sse(body)
+        if req.include_usage:
+            body = api.completion_chunk(
+                rid, config.model_name, created, [], decode_token=decode, usage=_usage(runs)
+            )
+            yield api.sse(body)
+    except api.APIError as e:
+        yield api.sse(e.body())
+    yield api.DONE
+
+
+async def _chat_stream(
+    rid: str, req: api.ChatRequest, run: _Run, stream, tokenizer: Tokenizer | None,
+    config: AppConfig,
+) -> AsyncIterator[bytes]:  # fmt: skip
+    created, decode = int(time.time()), _token_text(tokenizer)
+    parsers: dict[int, ReasoningParser] = {}
+    started: set[int] = set()
+
+    def chunk(choices: list[api.Choice], role: bool) -> bytes:
+        body = api.chat_chunk(rid, config.model_name, created, choices, decode_token=decode,
+                              role=role)  # fmt: skip
+        return api.sse(body)
+
+    try:
+        async for _, updates in stream:
+            for u in updates:
+                c = api.Choice(u.choice)
+                _add(c, u.event)
+                if config.reasoning_parser is not None:
+                    p = parsers.setdefault(u.choice, config.reasoning_parser())
+                    reasoning, c.text = p.push(c.text)
+                    if c.finish_reason is not None:
+                        more_reasoning, more_text = p.finish()
+                        reasoning, c.text = reasoning + more_reasoning, c.text + more_text
+                    c.reasoning_content = reasoning or None
+                first = u.choice not in started
+                if first or c.text or c.reasoning_content or c.finish_reason or c.logprobs:
+                    yield chunk([c], role=first)  # nothing to say yet: no empty delta
+                started.add(u.choice)
+        if req.include_usage:
+            usage = api.chat_chunk(rid, config.model_name, created, [], decode_token=decode,
+                                   usage=_usage([run]))  # fmt: skip
+            yield api.sse(usage)
+    except api.APIError as e:
+        yield api.sse(e.body())
+    yield api.DONE
