@@ -18,7 +18,6 @@ from dataclasses import dataclass, field
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
-from starlette.exceptions import HTTPException
 
 from lightlong.infer import SamplingParams
 from lightlong.serve import protocol as api
@@ -62,11 +61,17 @@ def build_app(
     async def _api_error(_: Request, e: api.APIError) -> JSONResponse:
         return JSONResponse(e.body(), status_code=e.status)
 
-    @app.exception_handler(HTTPException)
-    async def _http_error(_: Request, e: HTTPException) -> JSONResponse:
-        kind = "not_found_error" if e.status_code == 404 else "invalid_request_error"
-        error = api.APIError(e.status_code, str(e.detail), kind)
-        return JSONResponse(error.body(), status_code=e.status_code)
+    async def _http_error(request: Request, e: Exception) -> JSONResponse:
+        status = getattr(e, "status_code", 500)
+        if status == 404:
+            error = api.APIError(404, f"no route {request.url.path}", "not_found_error")
+        else:
+            message = f"{request.method} is not allowed on {request.url.path}"
+            error = api.APIError(status, message, "invalid_request_error")
+        return JSONResponse(error.body(), status_code=status)
+
+    app.add_exception_handler(404, _http_error)
+    app.add_exception_handler(405, _http_error)
 
     @app.middleware("http")
     async def _auth(request: Request, call_next):

@@ -13,6 +13,7 @@ splitting a reasoning model's output into reasoning and answer.
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -122,6 +123,19 @@ def _config_template(config: Mapping[str, Any], where: str) -> str | None:
     )
 
 
+_LOOPS_OVER_CONTENT = re.compile(
+    r"""for\s+\w+\s+in\s+\w+\s*(\[\s*['"]content['"]\s*\]|\.content\b)"""
+)
+
+
+def _as_parts(message: Mapping[str, Any]) -> dict[str, Any]:
+    """message with its string content as one OpenAI text part."""
+    content = message.get("content")
+    if not isinstance(content, str):
+        return dict(message)
+    return {**message, "content": [{"type": "text", "text": content}]}
+
+
 class ChatTemplate:
     """A compiled chat template and the special tokens it may use.
 
@@ -141,6 +155,9 @@ class ChatTemplate:
         """"tokenizer_config.json", "file" or "default"."""
         self.bos_token = bos_token
         self.eos_token = eos_token
+        # Some templates (MiniMax-Text-01's) loop over a message's content as OpenAI parts,
+        # [{"type": "text", "text": ...}]; they get it in that form, the others as a string.
+        self.content_as_parts = bool(_LOOPS_OVER_CONTENT.search(template))
         try:
             self._compiled = _environment().from_string(template)
         except jinja2.TemplateSyntaxError as e:
@@ -180,7 +197,9 @@ class ChatTemplate:
         extra template variables. Raises ChatTemplateError when the template fails."""
         variables = {
             **kwargs,
-            "messages": list(messages),
+            "messages": [_as_parts(m) for m in messages]
+            if self.content_as_parts
+            else list(messages),
             "add_generation_prompt": add_generation_prompt,
             "bos_token": self.bos_token,
             "eos_token": self.eos_token,
