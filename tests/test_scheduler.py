@@ -251,3 +251,30 @@ def test_token_logprobs_are_the_log_softmax():
     assert_close(lp, ref[torch.arange(3), chosen], 1e-6, "chosen")
     assert torch.equal(top_ids, ref.topk(5, dim=-1).indices)
     assert (top_lp[:, :-1] >= top_lp[:, 1:]).all() and (top_lp <= 0).all()
+
+
+def test_prompt_logprobs_are_the_full_forward_log_softmax():
+    """Scoring a prompt (echo + logprobs, lm-eval's loglikelihood) in prefill chunks gives
+    the log-softmax of the full forward at every position; with max_new_tokens=0 the request
+    ends at admission with no token generated."""
+    model = make_model()
+    prompt = random_ids(45, seed=96).tolist()
+    with torch.no_grad():
+        ref = torch.log_softmax(model(torch.tensor([prompt])).logits[0].double(), dim=-1)
+    s = scheduler(model, budget=16, prefix=PrefixCache(16, 1 << 26))
+    s.add(Request(prompt[:40], SamplingParams(max_new_tokens=2)))  # stores a prefix snapshot
+    run_all(s)
+    r = Request(prompt, SamplingParams(max_new_tokens=0, prompt_logprobs=3))
+    s.add(r)
+    out, admissions = run_all(s)
+    assert out == {} and r.done and r.admitted is not None
+    assert r.reused == 0  # scoring needs every position's logits: no prefix restored
+    scored = r.seqs[0].prompt_logprobs
+    assert len(scored) == len(prompt) - 1
+    got = torch.tensor([lp for lp, _ in scored], dtype=torch.float64)
+    assert_close(got, ref[torch.arange(44), torch.tensor(prompt[1:])], 1e-5, "prompt logprobs")
+    for t, (_, top) in enumerate(scored):
+        assert [i for i, _ in top] == ref[t].topk(3).indices.tolist()
+    assert s.runner.running == [] and not s.has_work
+    with pytest.raises(ValueError, match="0 only with prompt_logprobs"):
+        SamplingParams(max_new_tokens=0).validate(512)

@@ -233,7 +233,7 @@ def test_error_message_says_expected_and_given():
     err = error_of(parse_chat_request, chat(temperature="hot"))
     assert err.message == "temperature must be a number in [0, 2], got 'hot'"
     err = error_of(parse_completion_request, completion(max_tokens=True))
-    assert err.message == "max_tokens must be an integer in [1, 100], got true"
+    assert err.message == "max_tokens must be an integer in [0, 100], got true"
     # a huge given value is cut, not echoed whole
     err = error_of(parse_completion_request, completion(prompt={"ids": [5] * 10_000}))
     given = err.message.split(", got ")[1]
@@ -350,12 +350,23 @@ def test_completion_maps_to_sampling_params():
         presence_penalty=0.5,
         frequency_penalty=-1.0,
         logprobs=3,
+        prompt_logprobs=3,  # echo with logprobs scores the prompt too
         seed=-3,
         stop_token_ids=[7],
         stop=["END"],
         ignore_eos=True,
     )
     assert params.validate(LIMITS.vocab_size) is params
+    scored = parse_completion_request(completion(echo=True, max_tokens=0), limits=LIMITS)
+    assert scored.sampling_params(0).prompt_logprobs == 0  # max_tokens 0: score the prompt
+    assert (
+        parse_completion_request(completion(logprobs=2), limits=LIMITS)
+        .sampling_params(1)
+        .prompt_logprobs
+        is None
+    )  # no echo: the prompt is not scored
+    with pytest.raises(APIError, match="0 only with echo"):
+        parse_completion_request(completion(max_tokens=0), limits=LIMITS)
     assert (
         parse_completion_request(completion(top_k=5), limits=LIMITS).sampling_params(1).top_k == 5
     )

@@ -158,7 +158,8 @@ class Engine:
     ) -> Iterator[StreamEvent]:
         for seq in seqs:
             self._prefill(runner, seq, progress)
-            runner.admit(seq)
+            if seq.params.max_new_tokens:  # 0: the prompt is only scored
+                runner.admit(seq)
         runner.stats.cache_bytes = runner.cache.memory_bytes()
         while runner.running:
             for _, ev in runner.step():

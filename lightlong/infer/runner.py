@@ -88,6 +88,8 @@ class Seq:
         self.done = False
         self.reused = 0  # prompt tokens restored from a prefix snapshot
         self.prefilled = 0  # prompt tokens in the cache (restored or run)
+        self.prompt_logprobs: list[tuple[float, tuple[tuple[int, float], ...]]] = []
+        """With `params.prompt_logprobs`: (log p, alternatives) of prompt tokens 1, 2, …"""
         self.cache: HybridCache | None = None  # the prefill's single-row cache
         self.logits: Tensor | None = None  # fp32 [1, V] for the first token, once prefilled
         self._out = _Output(index, tokenizer, params.stop)
@@ -197,10 +199,10 @@ class Runner:
         """
         if seq.ready:
             return 0
-        n = len(seq.prompt)
+        n, scored = len(seq.prompt), seq.params.prompt_logprobs
         if seq.cache is None:
             seq.cache = HybridCache.for_model(self.model, 1, capacity=n)
-            if self.prefix_cache is not None:
+            if self.prefix_cache is not None and scored is None:
                 seq.reused, snap = self.prefix_cache.lookup(seq.prompt)
                 if snap is not None:
                     seq.cache.restore(snap)
@@ -213,11 +215,15 @@ class Runner:
         ran = 0
         while ran < max_tokens and seq.prefilled < n:
             a = seq.prefilled
-            b = min(n, a + self.prefill_chunk, a + max_tokens - ran)
+            chunk = self.prefill_chunk if scored is None else min(self.prefill_chunk, 1024)
+            b = min(n, a + chunk, a + max_tokens - ran)
             if boundary is not None and a < boundary < b:
                 b = boundary  # stop there to store the snapshot
             ids_1T = torch.tensor(seq.prompt[a:b], dtype=torch.int64, device=self._device)
-            out = self.model(ids_1T[None], cache=seq.cache, logits_to_keep=int(b == n))
+            keep = int(b == n) if scored is None else None  # scoring needs every position's
+            out = self.model(ids_1T[None], cache=seq.cache, logits_to_keep=keep)
+            if scored is not None:
+                self._score_prompt(seq, a, out.logits[0])
             if b == boundary:
                 self.prefix_cache.insert(seq.prompt[:b], seq.cache.snapshot())
             seq.prefilled, ran = b, ran + b - a
@@ -227,6 +233,19 @@ class Runner:
         self.stats.prefill_tokens += ran
         return ran
 
+    def _score_prompt(self, seq: Seq, a: int, logits_TV: Tensor) -> None:
+        """Appends the log-probabilities of prompt tokens a + 1 … a + T from the logits
+        [T, V] of positions a … a + T − 1."""
+        targets = seq.prompt[a + 1 : a + 1 + logits_TV.shape[0]]
+        if not targets:
+            return
+        logits = logits_TV[: len(targets)].float()
+        logits[:, self._usable :] = float("-inf")
+        chosen = torch.tensor(targets, dtype=torch.int64, device=logits.device)
+        lp, top_ids, top_lp = token_logprobs(logits, chosen, seq.params.prompt_logprobs)
+        for p, ids, lps in zip(lp.tolist(), top_ids.tolist(), top_lp.tolist(), strict=True):
+            seq.prompt_logprobs.append((p, tuple(zip(ids, lps, strict=True))))
+
     # -- the pool --------------------------------------------------------------------------
 
     def admit(self, seq: Seq, source: Seq | None = None) -> None:
@@ -235,12 +254,15 @@ class Runner:
         src = seq if source is None else source
         if not src.ready:
             raise ValueError("seq must be prefilled (ready) before it is admitted")
+        if seq.params.max_new_tokens == 0:
+            raise ValueError("a seq with max_new_tokens=0 only scores its prompt: release it")
         if source is not None and source.prompt != seq.prompt:
             raise ValueError("source must be a sequence of the same prompt")
         b = self.cache.insert(src.cache)
         self.running.append(seq)
         self._logits_BV[b] = src.logits[0]
         seq.reused, seq.prefilled = src.reused, src.prefilled
+        seq.prompt_logprobs = src.prompt_logprobs
         self._set_history(b, seq)
         seq.logits = src.logits
         if source is None:

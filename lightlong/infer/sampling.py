@@ -37,6 +37,10 @@ class SamplingParams:
     logprobs: int | None = None
     """Return the chosen token's log-probability and this many most likely alternatives
     (0 ... 20), from the model's distribution before any processing; None returns none."""
+    prompt_logprobs: int | None = None
+    """Also score the prompt: each prompt token's log-probability (from the second on) and
+    this many alternatives (0 ... 20); the prompt is then prefilled in full (no prefix
+    reuse). With it, max_new_tokens may be 0 (score only)."""
     seed: int | None = None
     """Seed of each row's sampler (a row gives the same tokens alone or in a batch)."""
     stop_token_ids: list[int] = field(default_factory=list)
@@ -48,8 +52,12 @@ class SamplingParams:
 
     def validate(self, vocab_size: int) -> SamplingParams:
         """Raises ValueError naming the parameter and its allowed range; returns self."""
-        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < 1:
-            raise ValueError(f"max_new_tokens must be an int >= 1, got {self.max_new_tokens!r}")
+        least = 0 if self.prompt_logprobs is not None else 1
+        if not isinstance(self.max_new_tokens, int) or self.max_new_tokens < least:
+            raise ValueError(
+                f"max_new_tokens must be an int >= 1 (0 only with prompt_logprobs), got "
+                f"{self.max_new_tokens!r}"
+            )
         if not self.temperature >= 0:
             raise ValueError(f"temperature must be >= 0 (0 is greedy), got {self.temperature}")
         if not isinstance(self.top_k, int) or self.top_k < 0:
@@ -61,12 +69,10 @@ class SamplingParams:
         for name in ("presence_penalty", "frequency_penalty"):
             if not -2 <= getattr(self, name) <= 2:
                 raise ValueError(f"{name} must be in [-2, 2], got {getattr(self, name)}")
-        if self.logprobs is not None and (
-            not isinstance(self.logprobs, int) or not 0 <= self.logprobs <= MAX_LOGPROBS
-        ):
-            raise ValueError(
-                f"logprobs must be an int in [0, {MAX_LOGPROBS}], got {self.logprobs!r}"
-            )
+        for name in ("logprobs", "prompt_logprobs"):
+            k = getattr(self, name)
+            if k is not None and (not isinstance(k, int) or not 0 <= k <= MAX_LOGPROBS):
+                raise ValueError(f"{name} must be an int in [0, {MAX_LOGPROBS}], got {k!r}")
         bad = [t for t in self.stop_token_ids if not 0 <= t < vocab_size]
         if bad:
             raise ValueError(f"stop_token_ids must be in [0, vocab_size={vocab_size}), got {bad}")

@@ -112,10 +112,6 @@ def build_app(
     async def completions(request: Request) -> Response:
         req = api.parse_completion_request(await _json_body(request, config), limits=limits)
         _check_model(req.model, config)
-        if req.echo and req.logprobs is not None:
-            raise api.APIError.invalid(
-                "echo with logprobs (log-probabilities of the prompt) is not supported", "echo"
-            )
         prompts = [_encode(p, tokenizer, f"prompt[{i}]") for i, p in enumerate(req.prompts)]
         runs = [
             _Run(engine, p, _params(req, p, config, engine, "prompt"), req.n, req.seed)
@@ -130,7 +126,7 @@ def build_app(
             return _sse(_completion_stream(rid, req, runs, stream, echoes, tokenizer, config))
         choices = await _collect(stream, sum(r.n for r in runs))
         for c in choices:
-            c.text = echoes[c.index // req.n] + c.text
+            _prepend_echo(c, runs[c.index // req.n], echoes[c.index // req.n], req)
         body = api.completion_response(
             rid, config.model_name, int(time.time()), choices, _usage(runs),
             decode_token=_token_text(tokenizer),
@@ -356,6 +352,25 @@ def _echo(req: api.CompletionRequest, prompt, ids: list[int], tokenizer) -> str:
     return tokenizer.decode(ids) if tokenizer is not None else ""
 
 
+def _prepend_echo(c: api.Choice, run: _Run, echo: str, req: api.CompletionRequest) -> None:
+    """Puts the echoed prompt before choice c's text (a whole output, or its first chunk),
+    with the prompt's log-probabilities when they were asked for; a choice that generated
+    nothing (max_tokens 0) ends there."""
+    if not req.echo:
+        return
+    c.text = echo + c.text
+    if req.logprobs is not None:
+        prompt = run.request.prompt
+        scored = run.request.seqs[0].prompt_logprobs
+        entries = [api.TokenLogprob(prompt[0], None, ())]
+        entries += [
+            api.TokenLogprob(t, lp, top) for t, (lp, top) in zip(prompt[1:], scored, strict=True)
+        ]
+        c.logprobs = entries + list(c.logprobs or [])
+    if c.finish_reason is None and run.request.params.max_new_tokens == 0:
+        c.finish_reason = "length"
+
+
 def _token_text(tokenizer: Tokenizer | None) -> Callable[[int], str]:
     if tokenizer is None:
         return lambda t: f"<{t}>"
@@ -376,27 +391,34 @@ async def _completion_stream(
     tokenizer: Tokenizer | None, config: AppConfig,
 ) -> AsyncIterator[bytes]:  # fmt: skip
     created, decode = int(time.time()), _token_text(tokenizer)
-    offsets: dict[int, int] = {}
+    offsets: dict[int, int] = {}  # characters sent per choice
+
+    def chunk(choices: list[api.Choice], usage: dict | None = None) -> bytes:
+        body = api.completion_chunk(
+            rid, config.model_name, created, choices, decode_token=decode, usage=usage
+        )
+        return api.sse(body)
+
     try:
         async for i, updates in stream:
             choices = []
             for u in updates:
                 index = i * req.n + u.choice
                 c = api.Choice(index, text_offset=offsets.get(index, 0))
-                if index not in offsets and echoes[i]:
-                    c.text = echoes[i]
                 _add(c, u.event)
+                if index not in offsets:
+                    _prepend_echo(c, runs[i], echoes[i], req)
                 offsets[index] = c.text_offset + len(c.text)
                 choices.append(c)
-            body = api.completion_chunk(
-                rid, config.model_name, created, choices, decode_token=decode
-            )
-            yield api.sse(body)
+            yield chunk(choices)
+        # choices that generated nothing (max_tokens 0) still send their echo
+        silent = [i for i in range(len(runs) * req.n) if i not in offsets]
+        for index in silent:
+            c = api.Choice(index)
+            _prepend_echo(c, runs[index // req.n], echoes[index // req.n], req)
+            yield chunk([c])
         if req.include_usage:
-            body = api.completion_chunk(
-                rid, config.model_name, created, [], decode_token=decode, usage=_usage(runs)
-            )
-            yield api.sse(body)
+            yield chunk([], _usage(runs))
     except api.APIError as e:
         yield api.sse(e.body())
     yield api.DONE

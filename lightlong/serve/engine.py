@@ -143,6 +143,12 @@ class AsyncEngine:
             self.metrics.prefill_tokens.inc(self.runner.stats.prefill_tokens - prefilled)
             for request in admitted:
                 self._admitted(request)
+                if request.done:  # nothing to generate (max_tokens 0: the prompt scored)
+                    self.metrics.e2e.observe(time.monotonic() - request.arrival)
+                    sink = self._sinks.get(request)
+                    self._forget(request, "finished")
+                    if sink is not None:
+                        self._send(sink, None)
             self._send_updates(updates)
             self._gauges()
 

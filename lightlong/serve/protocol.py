@@ -274,8 +274,12 @@ class CompletionRequest(_Request):
     """Alternatives per token to return (0 ... 5); None returns no logprobs."""
 
     def sampling_params(self, max_new_tokens: int) -> SamplingParams:
-        """The engine's parameters, generating at most `max_new_tokens` per choice."""
-        return self._sampling_params(max_new_tokens, self.logprobs)
+        """The engine's parameters, generating at most `max_new_tokens` per choice; with
+        echo and logprobs (or max_tokens 0) the prompt is scored too."""
+        params = self._sampling_params(max_new_tokens, self.logprobs)
+        if self.echo and (self.logprobs is not None or max_new_tokens == 0):
+            params.prompt_logprobs = self.logprobs or 0
+        return params
 
 
 @dataclass(kw_only=True)
@@ -376,11 +380,15 @@ def parse_completion_request(body: Any, *, limits: Limits) -> CompletionRequest:
     _reject_unsupported(body, ("suffix", "logit_bias"))
     prompts = _prompts(body.get("prompt"), limits.vocab_size)
     request = CompletionRequest(
-        **_common(body, limits, _int(body, "max_tokens", 1, limits.max_tokens, None)),
+        **_common(body, limits, _int(body, "max_tokens", 0, limits.max_tokens, None)),
         prompts=prompts,
         echo=_bool(body, "echo", False),
         logprobs=_int(body, "logprobs", 0, COMPLETION_LOGPROBS, None),
     )
+    if request.max_tokens == 0 and not request.echo:
+        raise APIError.invalid(
+            "max_tokens must be >= 1 (0 only with echo, to score the prompt), got 0", "max_tokens"
+        )
     best_of = body.get("best_of")
     if best_of is not None and (not _is_int(best_of) or best_of != request.n):
         raise APIError.invalid(
@@ -477,10 +485,11 @@ def parse_chat_request(body: Any, *, limits: Limits) -> ChatRequest:
 
 
 class TokenLogprob(NamedTuple):
-    """One generated token's log-probability and the most likely alternatives at its step."""
+    """One token's log-probability and the most likely alternatives at its step (None and
+    none for an echoed prompt's first token, which nothing predicts)."""
 
     token_id: int
-    logprob: float
+    logprob: float | None
     top: Sequence[tuple[int, float]]
     """(token_id, logprob) of the most likely tokens, most likely first."""
 
@@ -521,15 +530,15 @@ def _completion_logprobs(
         tokens.append(decode_token(entry.token_id))
         offsets.append(offset)
         offset += len(tokens[-1])
-    top = []
+    top: list[dict[str, float] | None] = []
     for entry in choice.logprobs:
         alternatives: dict[str, float] = {}
         for token_id, lp in entry.top:  # ids decoding alike keep the most likely
             alternatives.setdefault(decode_token(token_id), _lp(lp))
-        top.append(alternatives)
+        top.append(None if entry.logprob is None else alternatives)
     return {
         "tokens": tokens,
-        "token_logprobs": [_lp(e.logprob) for e in choice.logprobs],
+        "token_logprobs": [None if e.logprob is None else _lp(e.logprob) for e in choice.logprobs],
         "top_logprobs": top,
         "text_offset": offsets,
     }

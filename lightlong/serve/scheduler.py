@@ -141,12 +141,19 @@ class Scheduler:
             lead = request.seqs[0]
             budget -= runner.prefill(lead, budget)
             if lead.ready:
+                self.waiting.remove(request)
+                self._prefilling.discard(request)
+                request.admitted = time.monotonic()
+                admitted.append(request)
+                if request.params.max_new_tokens == 0:  # scored only: done already
+                    for seq in request.seqs:
+                        seq.prompt_logprobs = lead.prompt_logprobs
+                        runner.release(seq)
+                        del self._request_of[seq]
+                    request.finished = request.n
+                    continue
                 for seq in request.seqs[1:]:
                     runner.admit(seq, source=lead)
                 runner.admit(lead)
-                self.waiting.remove(request)
-                self._prefilling.discard(request)
                 self.running.add(request)
-                request.admitted = time.monotonic()
-                admitted.append(request)
         return admitted
