@@ -165,7 +165,7 @@ def test_greedy_outputs_under_interleaving_equal_each_prompt_alone():
     s = scheduler(model, rows=3, budget=10)
     shared = random_ids(40, seed=82).tolist()
     prompts = [random_ids(n, seed=83 + n).tolist() for n in (3, 17, 55)]
-    prompts += [shared + [1, 2], shared + [3], random_ids(2, seed=90).tolist()]
+    prompts += [[*shared, 1, 2], [*shared, 3], random_ids(2, seed=90).tolist()]
     requests = [Request(p, SamplingParams(max_new_tokens=5 + i)) for i, p in enumerate(prompts)]
     out: dict = {}
     for r in requests:  # one arrives every step
@@ -266,7 +266,7 @@ def test_prompt_logprobs_are_the_full_forward_log_softmax():
     run_all(s)
     r = Request(prompt, SamplingParams(max_new_tokens=0, prompt_logprobs=3))
     s.add(r)
-    out, admissions = run_all(s)
+    out, _ = run_all(s)
     assert out == {} and r.done and r.admitted is not None
     assert r.reused == 0  # scoring needs every position's logits: no prefix restored
     scored = r.seqs[0].prompt_logprobs
