@@ -337,10 +337,11 @@ def _add(choice: api.Choice, ev) -> None:
 
 
 def _usage(runs: list[_Run]) -> dict:
+    """OpenAI's usage: each prompt counted once, whatever its n."""
     return api.usage(
-        sum(r.prompt_tokens * r.n for r in runs),
+        sum(r.prompt_tokens for r in runs),
         sum(r.completion_tokens for r in runs),
-        sum(r.request.reused * r.n for r in runs),
+        sum(r.request.reused for r in runs),
     )
 
 

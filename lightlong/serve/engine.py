@@ -143,7 +143,9 @@ class AsyncEngine:
             self.metrics.prefill_tokens.inc(self.runner.stats.prefill_tokens - prefilled)
             for request in admitted:
                 self._admitted(request)
-                if request.done:  # nothing to generate (max_tokens 0: the prompt scored)
+                # scored only (max_tokens 0): nothing to generate. A request that its first
+                # token ended is done too, but ends in _send_updates, with that token.
+                if request.params.max_new_tokens == 0:
                     self.metrics.e2e.observe(time.monotonic() - request.arrival)
                     sink = self._sinks.get(request)
                     self._forget(request, "finished")

@@ -535,6 +535,8 @@ def _completion_logprobs(
         alternatives: dict[str, float] = {}
         for token_id, lp in entry.top:  # ids decoding alike keep the most likely
             alternatives.setdefault(decode_token(token_id), _lp(lp))
+        if entry.logprob is not None:  # OpenAI's: the k most likely and the chosen token
+            alternatives.setdefault(decode_token(entry.token_id), _lp(entry.logprob))
         top.append(None if entry.logprob is None else alternatives)
     return {
         "tokens": tokens,

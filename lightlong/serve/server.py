@@ -113,7 +113,9 @@ def run_server(cfg: ServerConfig) -> None:
 def _bind(host: str, port: int) -> socket.socket:
     """A listening-ready TCP socket on host:port (IPv6 when host is an IPv6 address)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # IPPROTO_TCP, not 0: asyncio sets TCP_NODELAY only on such sockets' connections, and
+    # without it Nagle's algorithm holds each response's last write ~40 ms for an ACK
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     try:
         sock.bind((host, port))
