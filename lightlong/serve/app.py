@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
-from lightlong.infer import SamplingParams
+from lightlong.infer import SamplingParams, StreamEvent
 from lightlong.serve import protocol as api
 from lightlong.serve.chat import ChatTemplate, ChatTemplateError, ReasoningParser
 from lightlong.serve.engine import AsyncEngine, EngineStopped
@@ -74,7 +74,7 @@ def build_app(
     app.add_exception_handler(405, _http_error)
 
     @app.middleware("http")
-    async def _auth(request: Request, call_next):
+    async def _auth(request: Request, call_next: Callable) -> Response:
         if config.api_key is not None and request.url.path.startswith("/v1"):
             given = request.headers.get("authorization", "")
             expected = f"Bearer {config.api_key}"
@@ -327,7 +327,8 @@ async def _collect(stream: AsyncIterator[tuple[int, list]], total: int) -> list[
     return [choices.get(i, api.Choice(i)) for i in range(total)]
 
 
-def _add(choice: api.Choice, ev) -> None:
+def _add(choice: api.Choice, ev: StreamEvent) -> None:
+    """Appends one generated token's text, logprobs and finish reason to a choice."""
     choice.text += ev.text
     if ev.logprob is not None:
         lp = api.TokenLogprob(ev.token_id, ev.logprob, ev.top_logprobs)
@@ -345,7 +346,10 @@ def _usage(runs: list[_Run]) -> dict:
     )
 
 
-def _echo(req: api.CompletionRequest, prompt, ids: list[int], tokenizer) -> str:
+def _echo(
+    req: api.CompletionRequest, prompt: str | list[int], ids: list[int], tokenizer: Tokenizer | None
+) -> str:
+    """The text echo puts before a choice: the prompt as sent, or its ids decoded."""
     if not req.echo:
         return ""
     if isinstance(prompt, str):

@@ -15,6 +15,7 @@ import torch
 import uvicorn
 
 from lightlong.infer import HybridCache, PrefixCache, Runner
+from lightlong.model import HybridLM
 from lightlong.model.source import (
     eos_token_ids,
     generation_config,
@@ -27,6 +28,7 @@ from lightlong.serve.chat import REASONING_PARSERS, ChatTemplate
 from lightlong.serve.config import ServerConfig
 from lightlong.serve.engine import AsyncEngine
 from lightlong.serve.metrics import Metrics
+from lightlong.tokenizer import Tokenizer
 from lightlong.units import size as nbytes
 
 
@@ -126,7 +128,10 @@ def _bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def _startup_lines(cfg, model, tokenizer, chat_template, max_model_len: int, name: str) -> str:
+def _startup_lines(
+    cfg: ServerConfig, model: HybridLM, tokenizer: Tokenizer, chat_template: ChatTemplate,
+    max_model_len: int, name: str,
+) -> str:  # fmt: skip
     """The model, its memory plan and the settings, for the log."""
     c = model.config
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
