@@ -638,15 +638,27 @@ def chat_response(
 ) -> dict[str, Any]:
     """A /v1/chat/completions response ("chat.completion"): one assistant message per
     choice, with `reasoning_content` when the choice has it."""
+    return _chat_body(
+        request_id, model, created, choices, usage, decode_token, "chat.completion",
+        "message", _message,
+    )  # fmt: skip
+
+
+def _chat_body(
+    request_id: str, model: str, created: int, choices: Sequence[Choice],
+    usage: dict[str, Any] | None, decode_token: Callable[[int], str], kind: str, key: str,
+    content: Callable[[Choice], dict[str, Any]],
+) -> dict[str, Any]:  # fmt: skip
+    """A chat response or chunk: each choice's `key` ("message" or "delta") is content(c)."""
     return {
         "id": request_id,
-        "object": "chat.completion",
+        "object": kind,
         "created": created,
         "model": model,
         "choices": [
             {
                 "index": c.index,
-                "message": _message(c),
+                key: content(c),
                 "logprobs": _chat_logprobs(c, decode_token),
                 "finish_reason": c.finish_reason,
             }
@@ -682,22 +694,10 @@ def chat_chunk(
     with only a finish_reason has an empty delta. The usage chunk of
     stream_options.include_usage has no choices and a usage; other chunks have usage null.
     """
-    return {
-        "id": request_id,
-        "object": "chat.completion.chunk",
-        "created": created,
-        "model": model,
-        "choices": [
-            {
-                "index": c.index,
-                "delta": _delta(c, role),
-                "logprobs": _chat_logprobs(c, decode_token),
-                "finish_reason": c.finish_reason,
-            }
-            for c in choices
-        ],
-        "usage": usage,
-    }
+    return _chat_body(
+        request_id, model, created, choices, usage, decode_token, "chat.completion.chunk",
+        "delta", lambda c: _delta(c, role),
+    )  # fmt: skip
 
 
 def model_card(
