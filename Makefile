@@ -35,6 +35,7 @@ bench: $(STAMP)
 	$(VENV)/bin/lightlong bench model
 	$(VENV)/bin/lightlong bench generate
 	$(VENV)/bin/lightlong bench train
+	$(VENV)/bin/lightlong bench serve
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

@@ -157,6 +157,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lightlong.bench.attention import AttentionBenchConfig, run_attention_bench
     from lightlong.bench.generate import GenerateBenchConfig, run_generate_bench
     from lightlong.bench.model import ModelBenchConfig, run_model_bench
+    from lightlong.bench.serve import ServeBenchConfig, run_serve_bench
     from lightlong.bench.train import TrainBenchConfig, run_train_bench
     from lightlong.eval.runner import TASKS as EVAL_TASKS
     from lightlong.eval.runner import EvalConfig
@@ -189,6 +190,11 @@ def build_parser() -> argparse.ArgumentParser:
     train_bench = bench.add_parser("train", help="training tok/s, T = 2K ... 64K")
     add_config_args(train_bench, TrainBenchConfig)
     train_bench.set_defaults(func=_run_config(TrainBenchConfig, run_train_bench))
+    serve_bench = bench.add_parser(
+        "serve", help="lightlong serve under load: concurrency 1 ... 64, shared-prefix chats"
+    )
+    add_config_args(serve_bench, ServeBenchConfig)
+    serve_bench.set_defaults(func=_run_config(ServeBenchConfig, run_serve_bench))
 
     train = commands.add_parser(
         "train", help="train a model (torchrun --nproc-per-node N -m lightlong train ...)",
