@@ -821,3 +821,16 @@ def test_seeded_sampling_is_reproducible_and_follows_the_distribution():
     kept = process_logits(logits, topk, None).expand(200, -1)
     picked = sample(kept, topk, gens[:200])
     assert set(picked.tolist()) <= set(logits.topk(2).indices[0].tolist())
+
+
+@pytest.mark.parametrize("variant", ["hybrid", "window", "cosformer"])
+def test_row_bytes_is_what_a_row_holds(variant):
+    """The server's memory plan: a row's constant state, plus softmax KV per token."""
+    cfg = tiny(VARIANTS[variant])
+    constant, per_token = HybridCache.row_bytes(cfg, torch.float32)
+    cache = HybridCache(cfg, batch_size=3, capacity=512)
+    held = cache.memory_bytes()
+    assert held["lightning"] + held["local_kv"] == 3 * constant
+    assert held["softmax_kv"] == 3 * 512 * per_token
+    softmax_layers = cfg.layer_types.count("softmax")
+    assert per_token == 2 * softmax_layers * cfg.num_kv_heads * cfg.head_dim * 4

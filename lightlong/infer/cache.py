@@ -123,9 +123,8 @@ class HybridCache:
     @classmethod
     def row_bytes(cls, config: HybridConfig, dtype: torch.dtype) -> tuple[int, int]:
         """Bytes one row needs: (constant: linear states and local KV, softmax KV per token)."""
-        constant = cls(config, 1, device="meta", dtype=dtype).memory_bytes()["total"]
-        kv = 2 * config.layer_types.count("softmax") * config.num_kv_heads * config.head_dim
-        return constant, kv * dtype.itemsize
+        held = cls(config, 1, device="meta", dtype=dtype, capacity=_SLOT_ROUND).memory_bytes()
+        return held["lightning"] + held["local_kv"], held["softmax_kv"] // _SLOT_ROUND
 
     # -- the rows the model sees -----------------------------------------------------------
 
