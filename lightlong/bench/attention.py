@@ -9,7 +9,6 @@ and torch backends, flash-linear-attention and FlashAttention, and times decode 
 
 from __future__ import annotations
 
-import json
 import math
 import time
 from collections.abc import Callable
@@ -19,7 +18,7 @@ from pathlib import Path
 import torch
 
 from lightlong.bench.machine import describe_machine, matmul_gflops
-from lightlong.bench.report import fmt, ratio, target, targets_line
+from lightlong.bench.report import fmt, ratio, target, targets_line, write_results
 from lightlong.bench.worker import log, run_in_fresh_process
 from lightlong.ops import decay_rates, lightning_attn, lightning_attn_naive
 from lightlong.ops.lightning.api import DEFAULT_BLOCK_SIZE
@@ -330,13 +329,8 @@ def format_table(report: dict) -> str:
 
 
 def _write(report: dict, cfg: AttentionBenchConfig) -> None:
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     stem = f"attention-{cfg.device.split(':')[0]}" + ("-quick" if cfg.quick else "")
-    (out / f"{stem}.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / f"{stem}.md").write_text(format_table(report) + "\n")
-    plot_attention(report, out / f"{stem}.png")
-    log(f"wrote {out / stem}.json, .md, .png")
+    write_results(Path(cfg.out_dir) / stem, report, format_table(report), plot_attention)
 
 
 def plot_attention(report: dict, path: Path) -> None:

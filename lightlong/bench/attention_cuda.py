@@ -18,7 +18,6 @@ without a GPU.)
 from __future__ import annotations
 
 import importlib.util
-import json
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -27,7 +26,7 @@ import torch
 
 from lightlong.bench.attention import AttentionBenchConfig, check_against_reference, lightning_flops
 from lightlong.bench.machine import copy_gbps, describe_machine, matmul_gflops, slug
-from lightlong.bench.report import fmt, ratio, target, targets_line
+from lightlong.bench.report import fmt, ratio, target, targets_line, write_results
 from lightlong.bench.worker import log, run_in_fresh_process
 from lightlong.ops import decay_rates, lightning_attn, lightning_attn_step
 from lightlong.ops.lightning.api import DEFAULT_BLOCK_SIZE
@@ -335,11 +334,6 @@ def run_attention_bench_cuda(cfg: AttentionBenchConfig) -> dict:
     decode = _time_decode(cfg)
     report = _summarise(cfg, block, rows, decode, machine)
     print(format_table(report))
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    stem = out / f"attention-{cfg.device.split(':')[0]}-{slug(machine['gpu'])}"
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(format_table(report) + "\n")
-    plot(report, stem.with_suffix(".png"))
-    log(f"wrote {stem}.json, .md, .png")
+    stem = Path(cfg.out_dir) / f"attention-{cfg.device.split(':')[0]}-{slug(machine['gpu'])}"
+    write_results(stem, report, format_table(report), plot)
     return report

@@ -13,7 +13,6 @@ quadratic). Nothing is timed unless the two implementations agree on a short pro
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -27,7 +26,7 @@ from lightlong.bench.model import (
     predict_seconds,
     save_random_checkpoint,
 )
-from lightlong.bench.report import fmt, ratio, target, targets_line
+from lightlong.bench.report import fmt, ratio, target, targets_line, write_results
 from lightlong.bench.worker import log, run_in_fresh_process
 from lightlong.model import HybridConfig, HybridLM
 from lightlong.units import length
@@ -252,12 +251,7 @@ def format_table(report: dict) -> str:
 
 
 def _write(report: dict, cfg: GenerateBenchConfig) -> None:
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "generate-cpu.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "generate-cpu.md").write_text(format_table(report) + "\n")
-    plot_generate(report, out / "generate-cpu.png")
-    log(f"wrote {out / 'generate-cpu'}.json, .md, .png")
+    write_results(Path(cfg.out_dir) / "generate-cpu", report, format_table(report), plot_generate)
 
 
 def plot_generate(report: dict, path: Path) -> None:

@@ -9,7 +9,6 @@ is timed unless the two implementations agree on the logits of a short prompt.
 from __future__ import annotations
 
 import dataclasses
-import json
 import tempfile
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,7 +17,7 @@ from pathlib import Path
 import torch
 
 from lightlong.bench.machine import describe_machine
-from lightlong.bench.report import fmt, ratio, target, targets_line
+from lightlong.bench.report import fmt, ratio, target, targets_line, write_results
 from lightlong.bench.worker import log, run_in_fresh_process
 from lightlong.model import HybridConfig, HybridLM
 
@@ -235,12 +234,7 @@ def format_table(report: dict) -> str:
 
 
 def _write(report: dict, cfg: ModelBenchConfig) -> None:
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "model-cpu.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "model-cpu.md").write_text(format_table(report) + "\n")
-    plot_model(report, out / "model-cpu.png")
-    log(f"wrote {out / 'model-cpu'}.json, .md, .png")
+    write_results(Path(cfg.out_dir) / "model-cpu", report, format_table(report), plot_model)
 
 
 def plot_model(report: dict, path: Path) -> None:

@@ -1,6 +1,13 @@
-"""Formatting shared by the benchmarks: numbers or '-', and target lines with pass/fail."""
+"""Formatting shared by the benchmarks: numbers or '-', target lines with pass/fail, and
+the JSON + Markdown + PNG each benchmark writes."""
 
 from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from lightlong.bench.worker import log
 
 
 def fmt(x: float | None, spec: str) -> str:
@@ -28,3 +35,15 @@ def targets_line(targets: dict[str, dict]) -> str:
             f"{t['label']} = {fmt(t['value'], t['spec'])} ({t['op']} {t['bound']:g}, {verdict})"
         )
     return "targets: " + "; ".join(parts)
+
+
+def write_results(
+    stem: Path, report: dict, markdown: str, plot: Callable[[dict, Path], None]
+) -> None:
+    """Writes stem.json (the report), stem.md (markdown) and stem.png (plot(report, path)),
+    making stem's directory; logs where they went."""
+    stem.parent.mkdir(parents=True, exist_ok=True)
+    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
+    stem.with_suffix(".md").write_text(markdown + "\n")
+    plot(report, stem.with_suffix(".png"))
+    log(f"wrote {stem}.json, .md, .png")

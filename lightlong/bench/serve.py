@@ -41,7 +41,6 @@ from __future__ import annotations
 
 import asyncio
 import itertools
-import json
 import os
 import random
 import re
@@ -58,7 +57,7 @@ from pathlib import Path
 import torch
 
 from lightlong.bench.machine import describe_machine, slug
-from lightlong.bench.report import fmt, ratio, target, targets_line
+from lightlong.bench.report import fmt, ratio, target, targets_line, write_results
 from lightlong.bench.worker import log
 from lightlong.model import HybridLM
 from lightlong.model.source import load_model_tokenizer, resolve_config
@@ -647,15 +646,10 @@ def format_table(report: dict) -> str:
 
 
 def _write(report: dict, cfg: ServeBenchConfig) -> None:
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
     m = report["machine"]
     device = m["device"].split(":")[0] + (f"-{slug(m['gpu'])}" if "gpu" in m else "")
-    stem = out / (f"serve-{device}" + ("-quick" if cfg.quick else ""))
-    stem.with_suffix(".json").write_text(json.dumps(report, indent=2) + "\n")
-    stem.with_suffix(".md").write_text(format_table(report) + "\n")
-    plot_serve(report, stem.with_suffix(".png"))
-    log(f"wrote {stem}.json, .md, .png")
+    stem = Path(cfg.out_dir) / (f"serve-{device}" + ("-quick" if cfg.quick else ""))
+    write_results(stem, report, format_table(report), plot_serve)
 
 
 def plot_serve(report: dict, path: Path) -> None:

@@ -9,7 +9,6 @@ passes `limit_s` (softmax attention is quadratic in T).
 
 from __future__ import annotations
 
-import json
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from lightlong.bench.model import (
     predict_seconds,
     save_random_checkpoint,
 )
-from lightlong.bench.report import fmt, ratio, target, targets_line
+from lightlong.bench.report import fmt, ratio, target, targets_line, write_results
 from lightlong.bench.worker import log, run_in_fresh_process
 from lightlong.model import HybridConfig, HybridLM
 
@@ -90,12 +89,7 @@ def run_train_bench(cfg: TrainBenchConfig) -> dict:
                 key.append({"T": T, "tok_s": cfg.tokens / r["step_s"], **r})
     report = _summarise(cfg, lengths, rows, err)
     print(format_table(report))
-    out = Path(cfg.out_dir)
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "train-cpu.json").write_text(json.dumps(report, indent=2) + "\n")
-    (out / "train-cpu.md").write_text(format_table(report) + "\n")
-    plot_train(report, out / "train-cpu.png")
-    log(f"wrote {out / 'train-cpu'}.json, .md, .png")
+    write_results(Path(cfg.out_dir) / "train-cpu", report, format_table(report), plot_train)
     return report
 
 
