@@ -748,6 +748,17 @@ def test_client_disconnect_frees_the_row(single, engine):
 
 
 @pytest.mark.timeout(90)
+def test_client_gone_before_a_whole_answer_frees_the_row(single):
+    """A non-streamed request whose client stops waiting is aborted too, not run to the end."""
+    body = {"model": "tiny", "prompt": "Go on", **ENDLESS}
+    aborted = single.metric("lightlong_requests_total", status="aborted")
+    with pytest.raises(httpx.ReadTimeout):
+        single.http.post(COMPLETIONS, json=body, timeout=1.0)
+    wait_for(lambda: single.metric("lightlong_num_requests_running") == 0, "the row to be freed")
+    assert single.metric("lightlong_requests_total", status="aborted") == aborted + 1
+
+
+@pytest.mark.timeout(90)
 def test_full_queue_gets_429(single):
     long = {"model": "tiny", "prompt": "x", "stream": True, **ENDLESS}
     with single.http.stream("POST", COMPLETIONS, json=long) as running:
