@@ -276,5 +276,116 @@ def test_prompt_logprobs_are_the_full_forward_log_softmax():
     for t, (_, top) in enumerate(scored):
         assert [i for i, _ in top] == ref[t].topk(3).indices.tolist()
     assert s.runner.running == [] and not s.has_work
+    # the kept next-token logits are one row, not the last chunk's [T, V]
+    assert r.seqs[0].logits.untyped_storage().nbytes() == model.config.vocab_size * 4
+    with pytest.raises(ValueError, match="released"):
+        s.runner.prefill(r.seqs[0], 10)
+    # scoring takes no row: it is admitted while every row decodes
+    busy = scheduler(model, rows=1)
+    busy.add(Request([1, 2, 3], SamplingParams(max_new_tokens=50)))
+    busy.step()
+    scored_only = Request(prompt[:10], SamplingParams(max_new_tokens=0, prompt_logprobs=0))
+    busy.add(scored_only)
+    busy.step()
+    assert scored_only.done and len(scored_only.seqs[0].prompt_logprobs) == 9
     with pytest.raises(ValueError, match="0 only with prompt_logprobs"):
         SamplingParams(max_new_tokens=0).validate(512)
+
+
+# -------------------------------------------------------------- the engine thread's failures
+
+
+def async_engine(model, **kw):
+    from lightlong.serve.engine import AsyncEngine
+    from lightlong.serve.metrics import Metrics
+
+    runner = Runner(model, max_num_seqs=2)
+    engine = AsyncEngine(runner, max_prefill_tokens=64, max_waiting=1, metrics=Metrics(), **kw)
+    engine.start()
+    return engine
+
+
+async def tokens_of(engine, prompt, max_new_tokens=3):
+    out = []
+    async for updates in engine.submit(Request(prompt, SamplingParams(max_new_tokens))):
+        out += [u.event.token_id for u in updates]
+    return out
+
+
+def test_a_failed_step_ends_its_requests_and_the_engine_goes_on(monkeypatch):
+    """A step that raises after admitting a request: the request gets the error, leaves the
+    waiting count (else a full queue forever), and the next request runs normally."""
+    import asyncio
+
+    model = make_model()
+    engine = async_engine(model)
+    step, calls = engine.runner.step, []
+
+    def failing_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise RuntimeError("out of memory")
+        return step()
+
+    monkeypatch.setattr(engine.runner, "step", failing_once)
+    prompt = random_ids(6, seed=97).tolist()
+    try:
+        with pytest.raises(RuntimeError, match="the engine failed: RuntimeError: out of memory"):
+            asyncio.run(tokens_of(engine, prompt))
+        assert engine.num_waiting == 0 and engine.runner.running == []
+        assert asyncio.run(tokens_of(engine, prompt)) == alone(model, prompt, SamplingParams(3))
+    finally:
+        engine.stop()
+
+
+def test_a_broken_engine_answers_everyone_and_refuses_new_requests(monkeypatch):
+    """When freeing rows fails too (a device that no longer answers), the engine thread ends:
+    open requests get an error, new ones are refused at once instead of hanging."""
+    import asyncio
+
+    from lightlong.serve.engine import EngineStopped
+
+    engine = async_engine(make_model())
+
+    def broken(*_):
+        raise RuntimeError("device lost")
+
+    monkeypatch.setattr(engine.runner, "step", broken)
+    monkeypatch.setattr(engine.scheduler, "abort", broken)
+    try:
+        with pytest.raises(RuntimeError, match="device lost"):
+            asyncio.run(tokens_of(engine, [1, 2, 3]))
+        engine._thread.join(timeout=10)
+        assert engine.stopped and "device lost" in engine.failure
+        with pytest.raises(EngineStopped, match="device lost"):
+            asyncio.run(tokens_of(engine, [1, 2, 3]))
+    finally:
+        engine.stop()
+
+
+def test_an_event_stream_aborts_its_requests_however_it_ends():
+    """The client gone before the first event: the body's generators never start, so the
+    response itself must abort the requests."""
+    import asyncio
+
+    from lightlong.serve.app import _SSE
+
+    aborted = []
+
+    class Run:
+        request = "r"
+        engine = type("E", (), {"abort": staticmethod(aborted.append)})
+
+    async def events():
+        yield b"data: never\n\n"
+
+    async def receive():
+        return {"type": "http.disconnect"}
+
+    async def send(message):
+        raise OSError("connection reset")
+
+    scope = {"type": "http", "asgi": {"spec_version": "2.3"}, "method": "POST", "path": "/"}
+    with pytest.raises(OSError):
+        asyncio.run(_SSE(events(), [Run(), Run()])(scope, receive, send))
+    assert aborted == ["r", "r"]

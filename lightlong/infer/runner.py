@@ -197,6 +197,8 @@ class Runner:
 
         Returns the prompt tokens run by this call (restored ones not counted).
         """
+        if seq.done:
+            raise ValueError("seq was released; make a new one")
         if seq.ready:
             return 0
         n, scored = len(seq.prompt), seq.params.prompt_logprobs
@@ -227,8 +229,8 @@ class Runner:
             if b == boundary:
                 self.prefix_cache.insert(seq.prompt[:b], seq.cache.snapshot())
             seq.prefilled, ran = b, ran + b - a
-            if b == n:
-                seq.logits = out.logits[:, -1].float()
+            if b == n:  # a copy: a scored prompt's logits are [1, T, V] and must not stay
+                seq.logits = out.logits[:, -1].float().clone()
         self.stats.prefill_seconds += time.perf_counter() - t0
         self.stats.prefill_tokens += ran
         return ran

@@ -82,8 +82,9 @@ def build_app(
 
     @app.get("/health")
     async def health() -> Response:
-        if engine.draining:
-            return JSONResponse({"status": "shutting down"}, status_code=503)
+        if engine.draining or engine.stopped:
+            status = "shutting down" if not engine.failure else f"failed: {engine.failure}"
+            return JSONResponse({"status": status}, status_code=503)
         return JSONResponse({"status": "ok"})
 
     @app.get("/metrics")
@@ -118,7 +119,8 @@ def build_app(
         stream = _submit(runs)
         rid = api.new_id("cmpl")
         if req.stream:
-            return _sse(_completion_stream(rid, req, runs, stream, echoes, tokenizer, config))
+            events = _completion_stream(rid, req, runs, stream, echoes, tokenizer, config)
+            return _SSE(events, runs)
         choices = await _unless_gone(request, _collect(stream, sum(r.n for r in runs)))
         for c in choices:
             _prepend_echo(c, runs[c.index // req.n], echoes[c.index // req.n], req)
@@ -150,7 +152,7 @@ def build_app(
         rid = api.new_id("chatcmpl")
         parser = config.reasoning_parser
         if req.stream:
-            return _sse(_chat_stream(rid, req, run, stream, tokenizer, config))
+            return _SSE(_chat_stream(rid, req, run, stream, tokenizer, config), [run])
         choices = await _unless_gone(request, _collect(stream, req.n))
         if parser is not None:
             for c in choices:
@@ -415,10 +417,23 @@ def _token_text(tokenizer: Tokenizer | None) -> Callable[[int], str]:
 # -- streaming -----------------------------------------------------------------------------
 
 
-def _sse(events: AsyncIterator[bytes]) -> StreamingResponse:
-    return StreamingResponse(
-        events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
-    )
+class _SSE(StreamingResponse):
+    """A server-sent event stream that aborts its requests however it ends: a client gone
+    before the first event never starts the body's generators, whose own cleanup would
+    otherwise never run (aborting a finished request does nothing)."""
+
+    def __init__(self, events: AsyncIterator[bytes], runs: list[_Run]):
+        super().__init__(
+            events, media_type="text/event-stream", headers={"Cache-Control": "no-cache"}
+        )
+        self.runs = runs
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        try:
+            await super().__call__(scope, receive, send)
+        finally:
+            for run in self.runs:
+                run.engine.abort(run.request)
 
 
 async def _completion_stream(

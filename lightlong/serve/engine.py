@@ -49,7 +49,11 @@ class AsyncEngine:
         self._commands: queue.SimpleQueue[tuple] = queue.SimpleQueue()
         self._sinks: dict[Request, tuple[asyncio.AbstractEventLoop, asyncio.Queue]] = {}
         self._pending = 0  # requests submitted and not yet admitted (or dropped)
+        self._unadmitted: set[Request] = set()  # the engine thread's view of the same
         self._lock = threading.Lock()
+        self._closed = False  # the engine thread has ended: submit refuses, nothing waits
+        self.failure: str | None = None
+        """Why the engine thread ended, if it broke (the server then answers 503)."""
         self._last_token: dict[tuple[Request, int], float] = {}  # per choice, for ITL
         self._answered: set[Request] = set()  # requests that have their first token
         self._thread = threading.Thread(target=self._loop, name="lightlong-engine", daemon=True)
@@ -66,17 +70,21 @@ class AsyncEngine:
         tokens, a list per engine step, until every choice has finished; the stream raises
         ValueError (a prompt or parameters the runner refuses) or EngineStopped. Iterate it
         to the end, or stop early (the request is then aborted), or call `abort`."""
-        if self.draining or self._stop.is_set():
+        if self.draining:
             raise EngineStopped("the server is shutting down")
-        with self._lock:
+        sink: asyncio.Queue = asyncio.Queue()
+        with self._lock:  # no add slips in after the engine thread has answered its last
+            if self._closed:
+                raise EngineStopped(
+                    "the engine has stopped" + (f": {self.failure}" if self.failure else "")
+                )
             if self._pending >= self.max_waiting:
                 raise QueueFull(
                     f"the server is at capacity: {self._pending} requests are waiting "
                     f"(--max-waiting {self.max_waiting}); retry later"
                 )
             self._pending += 1
-        sink: asyncio.Queue = asyncio.Queue()
-        self._commands.put(("add", request, (asyncio.get_running_loop(), sink)))
+            self._commands.put(("add", request, (asyncio.get_running_loop(), sink)))
         return self._stream(request, sink)
 
     async def _stream(self, request: Request, sink: asyncio.Queue) -> AsyncIterator[list[Update]]:
@@ -111,12 +119,16 @@ class AsyncEngine:
         timer.start()
 
     def stop(self) -> None:
-        """Aborts whatever runs and ends the engine thread."""
-        self._commands.put(("abort_all",))
+        """Ends the engine thread; whatever still runs or waits gets EngineStopped."""
         self._stop.set()
         self._commands.put(("wake",))
         if self._thread.is_alive():
             self._thread.join(timeout=30)
+
+    @property
+    def stopped(self) -> bool:
+        """The engine thread has ended (stopped, or broken: see `failure`)."""
+        return self._closed
 
     @property
     def num_waiting(self) -> int:
@@ -129,30 +141,60 @@ class AsyncEngine:
     # -- the engine thread -----------------------------------------------------------------
 
     def _loop(self) -> None:
-        while not self._stop.is_set():
-            self._take_commands(block=not self.scheduler.has_work)
-            if not self.scheduler.has_work:
-                continue
-            prefilled = self.runner.stats.prefill_tokens
+        try:
+            while not self._stop.is_set():
+                self._iteration()
+        except Exception as e:  # the engine itself broke (e.g. a device that fails again)
+            log.exception("the engine thread failed; the server can no longer generate")
+            self.failure = f"{type(e).__name__}: {e}"
+        finally:
+            self._close()
+
+    def _close(self) -> None:
+        """Answers every request still open or queued with EngineStopped, touching neither
+        the scheduler nor the device."""
+        with self._lock:
+            self._closed = True
+        why = "the server stopped" + (
+            f" (the engine failed: {self.failure})" if self.failure else ""
+        )
+        for sink in self._sinks.values():
+            self._send(sink, EngineStopped(f"{why} before this request finished"))
+        self._sinks.clear()
+        while True:
             try:
-                admitted, updates = self.scheduler.step()
-            except Exception as e:  # a failed step must not leave any request waiting
-                log.exception("engine step failed; aborting the requests in flight")
-                self._abort_all(RuntimeError(f"the engine failed: {type(e).__name__}: {e}"))
-                continue
-            self.metrics.prefill_tokens.inc(self.runner.stats.prefill_tokens - prefilled)
-            for request in admitted:
-                self._admitted(request)
-                # scored only (max_tokens 0): nothing to generate. A request that its first
-                # token ended is done too, but ends in _send_updates, with that token.
-                if request.params.max_new_tokens == 0:
-                    self.metrics.e2e.observe(time.monotonic() - request.arrival)
-                    sink = self._sinks.get(request)
-                    self._forget(request, "finished")
-                    if sink is not None:
-                        self._send(sink, None)
-            self._send_updates(updates)
-            self._gauges()
+                command = self._commands.get_nowait()
+            except queue.Empty:
+                break
+            if command[0] == "add":
+                self._send(command[2], EngineStopped(f"{why} before this request started"))
+        with self._lock:
+            self._pending = 0
+
+    def _iteration(self) -> None:
+        self._take_commands(block=not self.scheduler.has_work)
+        if not self.scheduler.has_work:
+            return
+        prefilled = self.runner.stats.prefill_tokens
+        try:
+            admitted, updates = self.scheduler.step()
+        except Exception as e:  # a failed step must not leave any request waiting
+            log.exception("engine step failed; aborting the requests in flight")
+            self._abort_all(RuntimeError(f"the engine failed: {type(e).__name__}: {e}"))
+            return
+        self.metrics.prefill_tokens.inc(self.runner.stats.prefill_tokens - prefilled)
+        for request in admitted:
+            self._admitted(request)
+            # scored only (max_tokens 0): nothing to generate. A request that its first
+            # token ended is done too, but ends in _send_updates, with that token.
+            if request.params.max_new_tokens == 0:
+                self.metrics.e2e.observe(time.monotonic() - request.arrival)
+                sink = self._sinks.get(request)
+                self._forget(request, "finished")
+                if sink is not None:
+                    self._send(sink, None)
+        self._send_updates(updates)
+        self._gauges()
 
     def _take_commands(self, block: bool) -> None:
         try:
@@ -178,15 +220,16 @@ class AsyncEngine:
                 self._send(sink, e)
                 return
             self._sinks[request] = sink
+            self._unadmitted.add(request)
         elif kind == "abort":
             request = command[1]
             if request in self._sinks:
                 self._drop(request, "aborted")
-        elif kind == "abort_all":
+        elif kind == "abort_all":  # the drain's grace period is over
             self._abort_all(EngineStopped("the server shut down before this request finished"))
 
     def _admitted(self, request: Request) -> None:
-        self._unpend()
+        self._settle(request)
         m = self.metrics
         m.prompt_tokens.inc(len(request.prompt))
         if self.runner.prefix_cache is not None:
@@ -221,17 +264,22 @@ class AsyncEngine:
                     self._send(sink, None)
 
     def _drop(self, request: Request, status: str) -> None:
-        """Aborts a request in the scheduler and forgets it."""
-        if request not in self.scheduler.running:
-            self._unpend()
-        self.scheduler.abort(request)
+        """Forgets a request and aborts it in the scheduler (freeing its rows)."""
+        self._settle(request)
         self._forget(request, status)
+        self.scheduler.abort(request)
 
     def _abort_all(self, error: BaseException) -> None:
+        """Ends every open request with error (told first: freeing rows may fail too)."""
         for request in list(self._sinks):
-            sink = self._sinks[request]
+            self._send(self._sinks[request], error)
             self._drop(request, "error")
-            self._send(sink, error)
+
+    def _settle(self, request: Request) -> None:
+        """A request leaves the waiting count, once: at admission, or when dropped before."""
+        if request in self._unadmitted:
+            self._unadmitted.discard(request)
+            self._unpend()
 
     def _forget(self, request: Request, status: str) -> None:
         self._sinks.pop(request, None)

@@ -134,8 +134,8 @@ class Scheduler:
             if budget <= 0:
                 break
             if request not in self._prefilling:
-                reserved = sum(r.n for r in self._prefilling)
-                if len(runner.running) + reserved + request.n > runner.max_num_seqs:
+                reserved = sum(_rows(r) for r in self._prefilling)
+                if len(runner.running) + reserved + _rows(request) > runner.max_num_seqs:
                     break  # first come, first served: later requests wait too
                 self._prefilling.add(request)
             lead = request.seqs[0]
@@ -157,3 +157,8 @@ class Scheduler:
                 runner.admit(lead)
                 self.running.add(request)
         return admitted
+
+
+def _rows(request: Request) -> int:
+    """Rows a request takes once admitted: one per choice, none to score a prompt only."""
+    return request.n if request.params.max_new_tokens else 0
