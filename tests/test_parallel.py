@@ -1,0 +1,119 @@
+"""Lightning attention with a packed row split across gloo ranks equals the single-process
+op: outputs and the gradients of q, k, v and the initial state (float64).
+
+Each case spawns its ranks with torch.multiprocessing (one torch thread each, a file
+rendezvous, a timeout on the join so that a hang fails).
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from conftest import assert_close
+
+from lightlong.ops.lightning import lightning_attn
+from lightlong.parallel import SequenceSplit, lightning_attn_split
+
+H, K = 3, 8
+CASES = {  # ranks' chunk lengths, document offsets of the row (None: one document)
+    "2-ranks-one-document": ([37, 29], None),
+    "2-ranks-document-starts-at-the-boundary": ([20, 17], [0, 9, 20, 37]),
+    "4-ranks-documents-across-boundaries": ([13, 1, 30, 22], [0, 5, 40, 66]),
+    "4-ranks-one-token-rank-starts-a-document": ([10, 1, 12, 9], [0, 10, 11, 32]),
+    "4-ranks-a-rank-within-one-document": ([7, 16, 3, 11], [0, 2, 30, 37]),
+}
+
+
+def inputs(T: int):
+    g = torch.Generator().manual_seed(T)
+    q, k = (torch.randn(1, T, H, K, generator=g, dtype=torch.float64) for _ in range(2))
+    v = torch.randn(1, T, H, K, generator=g, dtype=torch.float64)
+    w = torch.randn(1, T, H, K, generator=g, dtype=torch.float64)  # the loss's weights
+    init = torch.randn(H, K, K, generator=g, dtype=torch.float64)
+    decay = torch.tensor([0.0, 0.05, 0.7])  # 0: plain linear attention
+    return q, k, v, w, init, decay
+
+
+def rank_main(rank, world, rendezvous, lengths, offsets, with_init, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=world)  # fmt: skip
+    try:
+        T = sum(lengths)
+        q, k, v, w, init, decay = inputs(T)
+        a = sum(lengths[:rank])
+        b = a + lengths[rank]
+        mine = [x[:, a:b].clone().requires_grad_() for x in (q, k, v)]
+        init = init.clone().requires_grad_() if with_init else None
+        split = SequenceSplit.of(lengths, offsets)
+        o = lightning_attn_split(*mine, decay, split, scale=0.5,
+                                 initial_state=init, block_size=4)  # fmt: skip
+        (o * w[:, a:b]).sum().backward()
+        dinit = init.grad if with_init else None
+        torch.save({"o": o.detach(), "grads": [x.grad for x in mine], "dinit": dinit},
+                   f"{out}/rank{rank}.pt")  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("with_init", [False, True], ids=["zero-state", "initial-state"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_split_row_equals_one_process(case, with_init, tmp_path):
+    lengths, offsets = CASES[case]
+    world, T = len(lengths), sum(lengths)
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(
+            target=rank_main,
+            args=(r, world, tmp_path / "rdv", lengths, offsets, with_init, tmp_path),
+        )
+        for r in range(world)
+    ]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=90)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+
+    q, k, v, w, init, decay = inputs(T)
+    q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
+    init = init.clone().requires_grad_()
+    cu = None if offsets is None else torch.tensor(offsets)
+    N = 1 if offsets is None else len(offsets) - 1
+    first = init if with_init else init * 0
+    init_N = torch.cat([first[None], first.new_zeros(N - 1, H, K, K)])
+    o, _ = lightning_attn(q, k, v, decay, scale=0.5, initial_state=init_N, cu_seqlens=cu)
+    (o * w).sum().backward()
+
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    assert_close(torch.cat([r["o"] for r in results], dim=1), o, 1e-10, "o")
+    for i, name in enumerate(("dq", "dk", "dv")):
+        got = torch.cat([r["grads"][i] for r in results], dim=1)
+        assert_close(got, (q, k, v)[i].grad, 1e-10, name)
+    if with_init:  # each rank holds its share of the replicated state's gradient
+        shares = [r["dinit"] for r in results if r["dinit"] is not None]  # None: not used
+        assert_close(sum(shares), init.grad, 1e-10, "d(initial state)")
+
+
+def test_split_is_checked(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0,
+                            world_size=1)  # fmt: skip
+    try:
+        with pytest.raises(ValueError, match="lengths must give each of the 1 ranks"):
+            SequenceSplit.of([3, 4])
+        with pytest.raises(ValueError, match="cu_seqlens must rise strictly from 0"):
+            SequenceSplit.of([7], [0, 3, 3, 7])
+        split = SequenceSplit.of([7], [0, 3, 7])
+        assert split.cu_seqlens.tolist() == [0, 3, 7] and split.starts_document == (True,)
+        assert split.first_continues  # the row's first document: from its initial state
+        q = torch.randn(1, 5, H, K)
+        with pytest.raises(ValueError, match=r"q must be \[1, 7, H, K\]"):
+            lightning_attn_split(q, q, q, torch.zeros(H), split)
+    finally:
+        dist.destroy_process_group()
