@@ -13,8 +13,9 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import assert_close
 
+from lightlong.ops.attention import causal_attention
 from lightlong.ops.lightning import lightning_attn
-from lightlong.parallel import SequenceSplit, lightning_attn_split
+from lightlong.parallel import SequenceSplit, lightning_attn_split, softmax_attn_split
 
 H, K = 3, 8
 CASES = {  # ranks' chunk lengths, document offsets of the row (None: one document)
@@ -36,7 +37,7 @@ def inputs(T: int):
     return q, k, v, w, init, decay
 
 
-def rank_main(rank, world, rendezvous, lengths, offsets, with_init, out):
+def rank_main(rank, world, rendezvous, lengths, offsets, with_init, out, op="lightning"):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
                             world_size=world)  # fmt: skip
@@ -48,8 +49,11 @@ def rank_main(rank, world, rendezvous, lengths, offsets, with_init, out):
         mine = [x[:, a:b].clone().requires_grad_() for x in (q, k, v)]
         init = init.clone().requires_grad_() if with_init else None
         split = SequenceSplit.of(lengths, offsets)
-        o = lightning_attn_split(*mine, decay, split, scale=0.5,
-                                 initial_state=init, block_size=4)  # fmt: skip
+        if op == "softmax":  # GQA: 3 query heads share one key/value head
+            o = softmax_attn_split(mine[0], mine[1][:, :, :1], mine[2][:, :, :1], split)
+        else:
+            o = lightning_attn_split(*mine, decay, split, scale=0.5,
+                                     initial_state=init, block_size=4)  # fmt: skip
         (o * w[:, a:b]).sum().backward()
         dinit = init.grad if with_init else None
         torch.save({"o": o.detach(), "grads": [x.grad for x in mine], "dinit": dinit},
@@ -58,17 +62,14 @@ def rank_main(rank, world, rendezvous, lengths, offsets, with_init, out):
         dist.destroy_process_group()
 
 
-@pytest.mark.timeout(120)
-@pytest.mark.parametrize("with_init", [False, True], ids=["zero-state", "initial-state"])
-@pytest.mark.parametrize("case", list(CASES))
-def test_split_row_equals_one_process(case, with_init, tmp_path):
-    lengths, offsets = CASES[case]
-    world, T = len(lengths), sum(lengths)
+def run_ranks(lengths, offsets, with_init, tmp_path, op="lightning") -> list[dict]:
+    """Runs rank_main on len(lengths) processes; returns each rank's results."""
+    world = len(lengths)
     ctx = mp.get_context("spawn")
     procs = [
         ctx.Process(
             target=rank_main,
-            args=(r, world, tmp_path / "rdv", lengths, offsets, with_init, tmp_path),
+            args=(r, world, tmp_path / "rdv", lengths, offsets, with_init, tmp_path, op),
         )
         for r in range(world)
     ]
@@ -80,6 +81,16 @@ def test_split_row_equals_one_process(case, with_init, tmp_path):
         if p.is_alive():
             p.kill()
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("with_init", [False, True], ids=["zero-state", "initial-state"])
+@pytest.mark.parametrize("case", list(CASES))
+def test_split_row_equals_one_process(case, with_init, tmp_path):
+    lengths, offsets = CASES[case]
+    T = sum(lengths)
+    results = run_ranks(lengths, offsets, with_init, tmp_path)
 
     q, k, v, w, init, decay = inputs(T)
     q, k, v = (x.clone().requires_grad_() for x in (q, k, v))
@@ -91,7 +102,6 @@ def test_split_row_equals_one_process(case, with_init, tmp_path):
     o, _ = lightning_attn(q, k, v, decay, scale=0.5, initial_state=init_N, cu_seqlens=cu)
     (o * w).sum().backward()
 
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
     assert_close(torch.cat([r["o"] for r in results], dim=1), o, 1e-10, "o")
     for i, name in enumerate(("dq", "dk", "dv")):
         got = torch.cat([r["grads"][i] for r in results], dim=1)
@@ -99,6 +109,30 @@ def test_split_row_equals_one_process(case, with_init, tmp_path):
     if with_init:  # each rank holds its share of the replicated state's gradient
         shares = [r["dinit"] for r in results if r["dinit"] is not None]  # None: not used
         assert_close(sum(shares), init.grad, 1e-10, "d(initial state)")
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize(
+    "case", ["4-ranks-documents-across-boundaries", "4-ranks-one-token-rank-starts-a-document"]
+)
+def test_softmax_over_a_split_row_equals_one_process(case, tmp_path):
+    """All-gathered keys and values (chunks of different lengths, GQA), causal within
+    documents: output, dq and the dK, dV summed back to the rank holding them."""
+    lengths, offsets = CASES[case]
+    results = run_ranks(lengths, offsets, False, tmp_path, op="softmax")
+    q, k, v, w, _, _ = inputs(sum(lengths))
+    q, k, v = q.clone().requires_grad_(), k[:, :, :1].clone().requires_grad_(), v[:, :, :1]
+    v = v.clone().requires_grad_()
+    o = causal_attention(q, k, v, cu_seqlens=torch.tensor(offsets))
+    (o * w).sum().backward()
+    assert_close(torch.cat([r["o"] for r in results], dim=1), o, 1e-10, "o")
+    for i, name in enumerate(("dq", "dk", "dv")):
+        got = torch.cat([r["grads"][i] for r in results], dim=1)
+        ref = (q, k, v)[i].grad
+        if i:  # the ranks' k, v had 3 heads of which the op used the first
+            assert not got[:, :, 1:].any()
+            got = got[:, :, :1]
+        assert_close(got, ref, 1e-10, name)
 
 
 def test_split_is_checked(tmp_path):

@@ -51,6 +51,13 @@ class SequenceSplit:
     """int64 [N + 1] offsets of this chunk's pieces of documents (local positions)."""
     first_continues: bool
     """This chunk's first token continues a document begun on an earlier rank."""
+    offsets: tuple[int, ...]
+    """The row's document offsets (global cu_seqlens), 0 … T."""
+
+    @property
+    def start(self) -> int:
+        """Global position of this rank's first token."""
+        return sum(self.lengths[: self.rank])
 
     @classmethod
     def of(
@@ -86,7 +93,7 @@ class SequenceSplit:
             starts_document=tuple(any(bounds[r] <= s < bounds[r + 1] for s in starts)
                                   for r in range(world)),
             cu_seqlens=torch.tensor(local, dtype=torch.int64),
-            first_continues=a not in starts,
+            first_continues=a not in starts, offsets=tuple(offsets),
         )  # fmt: skip
 
 
