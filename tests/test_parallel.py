@@ -7,12 +7,15 @@ rendezvous, a timeout on the join so that a hang fails).
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import assert_close
 
+from lightlong import HybridConfig, HybridLM
 from lightlong.ops.attention import causal_attention
 from lightlong.ops.lightning import lightning_attn
 from lightlong.parallel import SequenceSplit, lightning_attn_split, softmax_attn_split
@@ -149,5 +152,89 @@ def test_split_is_checked(tmp_path):
         q = torch.randn(1, 5, H, K)
         with pytest.raises(ValueError, match=r"q must be \[1, 7, H, K\]"):
             lightning_attn_split(q, q, q, torch.zeros(H), split)
+    finally:
+        dist.destroy_process_group()
+
+
+# ---------------------------------------------------------------------- the model, split
+
+
+def model_and_row(preset: str, T: int):
+    torch.manual_seed(0)
+    model = HybridLM(HybridConfig.from_preset(preset)).double()
+    g = torch.Generator().manual_seed(T + 1)
+    ids = torch.randint(0, model.config.vocab_size, (1, T), generator=g)
+    w = torch.randn(1, T, model.config.vocab_size, generator=g, dtype=torch.float64)
+    return model, ids, w
+
+
+def rank_model(rank, world, rendezvous, lengths, offsets, preset, out):
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=world)  # fmt: skip
+    try:
+        model, ids, w = model_and_row(preset, sum(lengths))
+        split = SequenceSplit.of(lengths, offsets)
+        a, b = split.start, split.start + lengths[rank]
+        logits = model(ids[:, a:b], split=split).logits
+        (logits * w[:, a:b]).sum().backward()
+        grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        torch.save({"logits": logits.detach(), "grads": grads}, f"{out}/rank{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize(
+    ("preset", "case"),
+    [("tiny", "2-ranks-document-starts-at-the-boundary"),
+     ("tiny", "4-ranks-documents-across-boundaries"),
+     ("tiny-linear", "4-ranks-one-token-rank-starts-a-document")],
+)  # fmt: skip
+def test_model_on_a_split_row_equals_one_process(preset, case, tmp_path):
+    """tiny (lightning + softmax) and tiny-linear in float64: every rank's logits equal the
+    single-process forward's for its tokens, and the parameter gradients summed over the
+    ranks equal the single-process ones."""
+    lengths, offsets = CASES[case]
+    world = len(lengths)
+    ctx = mp.get_context("spawn")
+    procs = [
+        ctx.Process(target=rank_model,
+                    args=(r, world, tmp_path / "rdv", lengths, offsets, preset, tmp_path))
+        for r in range(world)
+    ]  # fmt: skip
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(timeout=150)
+    for p in procs:
+        if p.is_alive():
+            p.kill()
+    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
+    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+    model, ids, w = model_and_row(preset, sum(lengths))
+    logits = model(ids, cu_seqlens=torch.tensor(offsets)).logits
+    (logits * w).sum().backward()
+    assert_close(torch.cat([r["logits"] for r in results], dim=1), logits, 1e-10, "logits")
+    for name, p in model.named_parameters():
+        shares = [r["grads"][name] for r in results if name in r["grads"]]
+        assert_close(sum(shares), p.grad, 1e-10, name)
+
+
+def test_model_refuses_what_cannot_run_split(tmp_path):
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'rdv'}", rank=0,
+                            world_size=1)  # fmt: skip
+    try:
+        split = SequenceSplit.of([6], [0, 6])
+        model, ids, _ = model_and_row("tiny", 6)
+        with pytest.raises(ValueError, match=r"input_ids must be \[1, 6\]"):
+            model(ids[:, :5], split=split)
+        with pytest.raises(ValueError, match="no cu_seqlens"):
+            model(ids, split=split, labels=ids)
+        cfg = HybridConfig.from_preset("tiny")
+        windowed = HybridLM(dataclasses.replace(cfg, layer_types=["window_softmax"] * 4))
+        with pytest.raises(ValueError, match=r"'window_softmax'"):
+            windowed(ids, split=split)
     finally:
         dist.destroy_process_group()

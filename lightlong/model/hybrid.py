@@ -23,6 +23,7 @@ from lightlong.ops.loss import (
     linear_cross_entropy_reference,
 )
 from lightlong.ops.varlen import check_cu_seqlens
+from lightlong.parallel import SequenceSplit
 
 if TYPE_CHECKING:
     from lightlong.tokenizer import Tokenizer
@@ -93,6 +94,7 @@ class HybridLM(nn.Module):
         labels: Tensor | None = None,
         logits_to_keep: int | Tensor | None = None,
         cache: LayerCache | None = None,
+        split: SequenceSplit | None = None,
     ) -> LMOutput:
         """Runs the model.
 
@@ -108,6 +110,11 @@ class HybridLM(nn.Module):
                 training passes 0.
             cache: a `lightlong.infer.HybridCache`: input_ids continue each row from the
                 cache, which is updated (lightning states in place, KV appended).
+            split: input_ids [1, C_r] are this rank's chunk of one packed row split across
+                the ranks of split.group (`lightlong.parallel.SequenceSplit`, which holds the
+                row's document offsets); every rank calls forward together. Lightning and
+                softmax layers only; no labels, cache or cu_seqlens; the MoE aux loss is
+                not computed (None).
 
         Returns:
             LMOutput with logits [B, T', V] and, given labels, the losses.
@@ -130,13 +137,19 @@ class HybridLM(nn.Module):
             check_cu_seqlens(cu_seqlens, B, T)
         if labels is not None and labels.shape != input_ids.shape:
             raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}")
+        if split is not None:
+            _check_split(c, split, B, T, cu_seqlens, labels, cache)
         if cache is not None and (cu_seqlens is not None or cache.batch_size != B):
             raise ValueError(
                 f"with a cache, input_ids must be [B={cache.batch_size}, T] without cu_seqlens"
             )
 
         x = self.model.embed_tokens(input_ids)
-        if cache is None:
+        if split is not None:  # global positions within documents, this rank's slice
+            offsets = torch.tensor(split.offsets, dtype=torch.int64)
+            row = positions_in_sequence(split.offsets[-1], offsets, x.device)
+            positions = row[split.start : split.start + T]
+        elif cache is None:
             positions = positions_in_sequence(T, cu_seqlens, x.device)
         else:
             start = cache.start  # one int, or int64 [B] for rows of different lengths
@@ -144,8 +157,9 @@ class HybridLM(nn.Module):
                 start if isinstance(start, int) else start[:, None]
             )
         rope = rotary_cos_sin(positions, c.rotary_dim, c.rope_theta, x.dtype)
-        seq = SequenceInfo(cu_seqlens, rope, positions, cache)
-        aux = None if cache is not None else x.new_zeros((), dtype=torch.float32)
+        seq = SequenceInfo(cu_seqlens, rope, positions, cache, split)
+        no_aux = cache is not None or split is not None
+        aux = None if no_aux else x.new_zeros((), dtype=torch.float32)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
             if recompute:
@@ -156,7 +170,7 @@ class HybridLM(nn.Module):
                 aux = aux + layer_aux
         if aux is not None:
             aux = aux / c.num_layers
-        else:
+        if cache is not None:
             cache.advance(T)
         h = self.model.norm(x)
         head = self.lm_head.weight
@@ -220,6 +234,32 @@ class HybridLM(nn.Module):
         )
         idle = experts * (c.num_experts - c.experts_per_token) // c.num_experts
         return {"total": total, "embedding": embedding, "active": total - embedding - idle}
+
+
+SPLIT_TYPES = ("lightning", "softmax")
+"""Layer types that run on a row split across ranks (`HybridLM.forward(split=...)`)."""
+
+
+def _check_split(
+    c: HybridConfig, split: SequenceSplit, B: int, T: int, cu_seqlens: Tensor | None,
+    labels: Tensor | None, cache: LayerCache | None,
+) -> None:  # fmt: skip
+    """ValueError naming what cannot go with a split row."""
+    others = sorted(set(c.layer_types) - set(SPLIT_TYPES))
+    if others:
+        raise ValueError(
+            f"a row split across ranks runs {list(SPLIT_TYPES)} layers only; this model has "
+            f"{others}"
+        )
+    if B != 1 or split.lengths[split.rank] != T:
+        raise ValueError(
+            f"with split, input_ids must be [1, {split.lengths[split.rank]}] (this rank's "
+            f"chunk), got [{B}, {T}]"
+        )
+    if cu_seqlens is not None or labels is not None or cache is not None:
+        raise ValueError(
+            "with split, pass no cu_seqlens (the split holds the row's documents), labels or cache"
+        )
 
 
 def _keep(h: Tensor, logits_to_keep: int | Tensor | None) -> Tensor:

@@ -28,6 +28,7 @@ from lightlong.ops import (
     window_attention,
 )
 from lightlong.ops.attention import apply_rotary, cached_attention, causal_attention
+from lightlong.parallel import SequenceSplit, lightning_attn_split, softmax_attn_split
 
 
 class LayerCache(Protocol):
@@ -78,6 +79,8 @@ class SequenceInfo:
     """int64 [T] or [B, T]: each token's position within its sequence."""
     cache: LayerCache | None = None
     """Inference cache the mixers read and extend, or None (a full-sequence pass)."""
+    split: SequenceSplit | None = None
+    """This rank's chunk of a row split across ranks (sequence parallelism), or None."""
 
 
 def _row_positions(seq: SequenceInfo, B: int) -> Tensor:
@@ -129,7 +132,11 @@ class LightningAttention(nn.Module):
                 cu_seqlens=seq.cu_seqlens, block_size=self.block_size,
             )  # fmt: skip
             return self.out_proj(o_BTHE.reshape(B, T, -1))
-        if seq.cache is None:
+        if seq.split is not None:
+            o_BTHE = lightning_attn_split(
+                q, k, v, decay, seq.split, scale=1.0, block_size=self.block_size
+            )
+        elif seq.cache is None:
             o_BTHE, _ = lightning_attn(
                 q, k, v, decay, scale=1.0, cu_seqlens=seq.cu_seqlens, block_size=self.block_size
             )
@@ -217,6 +224,8 @@ class SoftmaxAttention(nn.Module):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, seq: SequenceInfo) -> Tensor:
         """Causal attention of rotated q [B, T, H, E] over k, v [B, T, G, E] (and the
         cache's KV) -> [B, T, H, E]."""
+        if seq.split is not None:
+            return softmax_attn_split(q, k, v, seq.split)
         if seq.cache is None:
             return causal_attention(q, k, v, cu_seqlens=seq.cu_seqlens)
         start = seq.cache.start

@@ -71,11 +71,13 @@ class DecoderLayer(nn.Module):
         self.mlp_alpha, self.mlp_beta = c.mlp_alpha, c.mlp_beta
 
     def forward(self, x: Tensor, seq: SequenceInfo) -> tuple[Tensor, Tensor | None]:
-        """x [B, T, D] -> ([B, T, D], MoE aux loss; None when decoding with a cache)."""
+        """x [B, T, D] -> ([B, T, D], MoE aux loss; None with a cache or a split row)."""
         h = self.input_layernorm(x)
         x = (h if self.postnorm else x) * self.attn_alpha + self.self_attn(h, seq) * self.attn_beta
         h = self.post_attention_layernorm(x)
-        y, aux = self.block_sparse_moe(h, with_aux=seq.cache is None)
+        # no aux loss when decoding, nor for one rank's chunk of a split row (its routing
+        # statistics are not the row's)
+        y, aux = self.block_sparse_moe(h, with_aux=seq.cache is None and seq.split is None)
         if self.shared_mlp is not None:  # y ← (1 − c)·y + c·mlp(h), c = σ(h · w) in fp32
             c = torch.sigmoid(h.float() @ self.coefficient.weight.float().T).to(h.dtype)
             y = y * (1 - c) + self.shared_mlp(h) * c
