@@ -179,7 +179,12 @@ def rank_model(rank, world, rendezvous, lengths, offsets, preset, out):
         logits = model(ids[:, a:b], split=split).logits
         (logits * w[:, a:b]).sum().backward()
         grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
-        torch.save({"logits": logits.detach(), "grads": grads}, f"{out}/rank{rank}.pt")
+        model.zero_grad()
+        share = model(ids[:, a:b], split=split, labels=ids[:, a:b], logits_to_keep=0).loss
+        share.backward()
+        loss_grads = {n: p.grad for n, p in model.named_parameters() if p.grad is not None}
+        torch.save({"logits": logits.detach(), "grads": grads, "loss": share.detach(),
+                    "loss_grads": loss_grads}, f"{out}/rank{rank}.pt")  # fmt: skip
     finally:
         dist.destroy_process_group()
 
@@ -214,12 +219,21 @@ def test_model_on_a_split_row_equals_one_process(preset, case, tmp_path):
     results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
 
     model, ids, w = model_and_row(preset, sum(lengths))
-    logits = model(ids, cu_seqlens=torch.tensor(offsets)).logits
+    cu = torch.tensor(offsets)
+    logits = model(ids, cu_seqlens=cu).logits
     (logits * w).sum().backward()
     assert_close(torch.cat([r["logits"] for r in results], dim=1), logits, 1e-10, "logits")
     for name, p in model.named_parameters():
         shares = [r["grads"][name] for r in results if name in r["grads"]]
         assert_close(sum(shares), p.grad, 1e-10, name)
+    # the next-token loss across rank boundaries: the ranks' shares add up to the row's
+    model.zero_grad()
+    lm_loss = model(ids, cu_seqlens=cu, labels=ids, logits_to_keep=0).lm_loss
+    lm_loss.backward()
+    assert_close(sum(r["loss"] for r in results), lm_loss.detach(), 1e-10, "loss")
+    for name, p in model.named_parameters():
+        shares = [r["loss_grads"][name] for r in results if name in r["loss_grads"]]
+        assert_close(sum(shares), p.grad, 1e-10, f"loss gradient of {name}")
 
 
 def test_model_refuses_what_cannot_run_split(tmp_path):
@@ -231,7 +245,7 @@ def test_model_refuses_what_cannot_run_split(tmp_path):
         with pytest.raises(ValueError, match=r"input_ids must be \[1, 6\]"):
             model(ids[:, :5], split=split)
         with pytest.raises(ValueError, match="no cu_seqlens"):
-            model(ids, split=split, labels=ids)
+            model(ids, split=split, cu_seqlens=torch.tensor([0, 6]))
         cfg = HybridConfig.from_preset("tiny")
         windowed = HybridLM(dataclasses.replace(cfg, layer_types=["window_softmax"] * 4))
         with pytest.raises(ValueError, match=r"'window_softmax'"):

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
+import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
@@ -23,7 +24,7 @@ from lightlong.ops.loss import (
     linear_cross_entropy_reference,
 )
 from lightlong.ops.varlen import check_cu_seqlens
-from lightlong.parallel import SequenceSplit
+from lightlong.parallel import SequenceSplit, split_next_token_targets
 
 if TYPE_CHECKING:
     from lightlong.tokenizer import Tokenizer
@@ -113,8 +114,9 @@ class HybridLM(nn.Module):
             split: input_ids [1, C_r] are this rank's chunk of one packed row split across
                 the ranks of split.group (`lightlong.parallel.SequenceSplit`, which holds the
                 row's document offsets); every rank calls forward together. Lightning and
-                softmax layers only; no labels, cache or cu_seqlens; the MoE aux loss is
-                not computed (None).
+                softmax layers only; no cache or cu_seqlens; the MoE aux loss is not
+                computed (None). With labels ([1, C_r], this rank's), the loss is this
+                rank's share of the row's mean: the shares add up to it over the ranks.
 
         Returns:
             LMOutput with logits [B, T', V] and, given labels, the losses.
@@ -178,7 +180,9 @@ class HybridLM(nn.Module):
             h, head = h.float(), head.float()
 
         out = LMOutput(logits=F.linear(_keep(h, logits_to_keep), head), aux_loss=aux)
-        if labels is not None:
+        if labels is not None and split is not None:
+            out.lm_loss = out.loss = _split_loss(h, head, labels, split, logits_to_keep is None)
+        elif labels is not None:
             targets = _next_token_targets(labels, cu_seqlens)
             if logits_to_keep is None:  # the logits are built anyway: the plain loss
                 out.lm_loss = linear_cross_entropy_reference(h[:, :-1].flatten(0, 1), head, targets)
@@ -256,10 +260,27 @@ def _check_split(
             f"with split, input_ids must be [1, {split.lengths[split.rank]}] (this rank's "
             f"chunk), got [{B}, {T}]"
         )
-    if cu_seqlens is not None or labels is not None or cache is not None:
+    if cu_seqlens is not None or cache is not None:
         raise ValueError(
-            "with split, pass no cu_seqlens (the split holds the row's documents), labels or cache"
+            "with split, pass no cu_seqlens (the split holds the row's documents) or cache"
         )
+
+
+def _split_loss(
+    h: Tensor, head: Tensor, labels: Tensor, split: SequenceSplit, plain: bool
+) -> Tensor:
+    """This rank's share of the row's mean next-token loss: its positions' summed loss over
+    the row's count of predicted tokens (the shares of all ranks add up to the row's loss,
+    and so do their gradients)."""
+    targets = split_next_token_targets(labels, split)
+    mine = (targets != IGNORE_INDEX).sum()
+    total = mine.clone()
+    dist.all_reduce(total, group=split.group)
+    if int(mine) == 0:  # nothing to predict here: a zero that still reaches the graph
+        return h.sum() * 0
+    loss_fn = linear_cross_entropy_reference if plain else linear_cross_entropy
+    loss = loss_fn(h.flatten(0, 1), head, targets)
+    return loss * (mine.to(loss.dtype) / total.to(loss.dtype))
 
 
 def _keep(h: Tensor, logits_to_keep: int | Tensor | None) -> Tensor:

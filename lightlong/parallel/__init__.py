@@ -2,6 +2,11 @@
 and softmax attention with a packed row split across ranks."""
 
 from .attention import softmax_attn_split
-from .lightning import SequenceSplit, lightning_attn_split
+from .lightning import SequenceSplit, lightning_attn_split, split_next_token_targets
 
-__all__ = ["SequenceSplit", "lightning_attn_split", "softmax_attn_split"]
+__all__ = [
+    "SequenceSplit",
+    "lightning_attn_split",
+    "softmax_attn_split",
+    "split_next_token_targets",
+]

@@ -151,3 +151,20 @@ def lightning_attn_split(
         q, k, v, decay, scale=scale, initial_state=init, cu_seqlens=cu, block_size=block_size
     )
     return o
+
+
+def split_next_token_targets(labels: Tensor, split: SequenceSplit, ignore: int = -100) -> Tensor:
+    """int64 [C_r]: the label each of this rank's positions predicts. The last one predicts
+    the next rank's first label (one all-gather of the ranks' first labels); a document's
+    last token and the row's last predict nothing (`ignore`). labels: [1, C_r]."""
+    firsts = labels.new_empty(len(split.lengths))
+    dist.all_gather_into_tensor(firsts, labels[0, :1].contiguous(), group=split.group)
+    after = firsts[split.rank + 1 : split.rank + 2]
+    if split.rank + 1 == len(split.lengths):
+        after = labels.new_full((1,), ignore)
+    targets = torch.cat([labels[0, 1:], after])
+    a, C = split.start, targets.numel()
+    for s in split.offsets[1:-1]:  # the token before a document's first predicts nothing
+        if a <= s - 1 < a + C:
+            targets[s - 1 - a] = ignore
+    return targets
