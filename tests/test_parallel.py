@@ -65,26 +65,28 @@ def rank_main(rank, world, rendezvous, lengths, offsets, with_init, out, op="lig
         dist.destroy_process_group()
 
 
-def run_ranks(lengths, offsets, with_init, tmp_path, op="lightning") -> list[dict]:
-    """Runs rank_main on len(lengths) processes; returns each rank's results."""
-    world = len(lengths)
+def spawn_ranks(target, world: int, tmp_path, *args, timeout: float = 90) -> list[dict]:
+    """Runs target(rank, world, rendezvous, *args) on `world` spawned processes (killed past
+    the timeout); returns what each rank saved as tmp_path/rank{r}.pt."""
     ctx = mp.get_context("spawn")
     procs = [
-        ctx.Process(
-            target=rank_main,
-            args=(r, world, tmp_path / "rdv", lengths, offsets, with_init, tmp_path, op),
-        )
-        for r in range(world)
+        ctx.Process(target=target, args=(r, world, tmp_path / "rdv", *args)) for r in range(world)
     ]
     for p in procs:
         p.start()
     for p in procs:
-        p.join(timeout=90)
+        p.join(timeout=timeout)
     for p in procs:
         if p.is_alive():
             p.kill()
     assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
     return [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+
+
+def run_ranks(lengths, offsets, with_init, tmp_path, op="lightning") -> list[dict]:
+    """The attention ops on len(lengths) ranks; each rank's results."""
+    return spawn_ranks(rank_main, len(lengths), tmp_path, lengths, offsets, with_init,
+                       tmp_path, op)  # fmt: skip
 
 
 @pytest.mark.timeout(120)
@@ -201,22 +203,8 @@ def test_model_on_a_split_row_equals_one_process(preset, case, tmp_path):
     single-process forward's for its tokens, and the parameter gradients summed over the
     ranks equal the single-process ones."""
     lengths, offsets = CASES[case]
-    world = len(lengths)
-    ctx = mp.get_context("spawn")
-    procs = [
-        ctx.Process(target=rank_model,
-                    args=(r, world, tmp_path / "rdv", lengths, offsets, preset, tmp_path))
-        for r in range(world)
-    ]  # fmt: skip
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(timeout=150)
-    for p in procs:
-        if p.is_alive():
-            p.kill()
-    assert all(p.exitcode == 0 for p in procs), [p.exitcode for p in procs]
-    results = [torch.load(tmp_path / f"rank{r}.pt") for r in range(world)]
+    results = spawn_ranks(rank_model, len(lengths), tmp_path, lengths, offsets, preset,
+                          tmp_path, timeout=150)  # fmt: skip
 
     model, ids, w = model_and_row(preset, sum(lengths))
     cu = torch.tensor(offsets)
