@@ -264,16 +264,24 @@ class AsyncEngine:
                     self._send(sink, None)
 
     def _drop(self, request: Request, status: str) -> None:
-        """Forgets a request and aborts it in the scheduler (freeing its rows)."""
+        """Aborts a request in the scheduler (freeing its rows), then forgets it. When
+        freeing fails the request stays known, so the closing engine still answers it."""
         self._settle(request)
-        self._forget(request, status)
         self.scheduler.abort(request)
+        self._forget(request, status)
 
     def _abort_all(self, error: BaseException) -> None:
-        """Ends every open request with error (told first: freeing rows may fail too)."""
+        """Ends every open request with error, each told once its rows are free (so a
+        client that sees the error sees the engine without it)."""
         for request in list(self._sinks):
-            self._send(self._sinks[request], error)
-            self._drop(request, "error")
+            sink = self._sinks[request]
+            try:
+                self._drop(request, "error")
+            except Exception:  # freeing failed (the engine is breaking): still tell it
+                self._sinks.pop(request, None)
+                self._send(sink, error)
+                raise
+            self._send(sink, error)
 
     def _settle(self, request: Request) -> None:
         """A request leaves the waiting count, once: at admission, or when dropped before."""
