@@ -7,7 +7,9 @@ rendezvous, a timeout on the join so that a hang fails).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -52,15 +54,28 @@ def rank_main(rank, world, rendezvous, lengths, offsets, with_init, out, op="lig
         mine = [x[:, a:b].clone().requires_grad_() for x in (q, k, v)]
         init = init.clone().requires_grad_() if with_init else None
         split = SequenceSplit.of(lengths, offsets)
-        if op == "softmax":  # GQA: 3 query heads share one key/value head
-            o = softmax_attn_split(mine[0], mine[1][:, :, :1], mine[2][:, :, :1], split)
-        else:
-            o = lightning_attn_split(*mine, decay, split, scale=0.5,
-                                     initial_state=init, block_size=4)  # fmt: skip
+        if op == "softmax":  # GQA: 3 query heads share one key/value head; row: K, V
+            o, kv = softmax_attn_split(mine[0], mine[1][:, :, :1], mine[2][:, :, :1], split,
+                                       output_kv=True)  # fmt: skip
+            row = torch.stack(kv)
+        else:  # row: the final state
+            o, row = lightning_attn_split(*mine, decay, split, scale=0.5, initial_state=init,
+                                          output_final_state=True, block_size=4)  # fmt: skip
         (o * w[:, a:b]).sum().backward()
         dinit = init.grad if with_init else None
-        torch.save({"o": o.detach(), "grads": [x.grad for x in mine], "dinit": dinit},
-                   f"{out}/rank{rank}.pt")  # fmt: skip
+        torch.save({"o": o.detach(), "grads": [x.grad for x in mine], "dinit": dinit,
+                    "row": row.detach()}, f"{out}/rank{rank}.pt")  # fmt: skip
+    finally:
+        dist.destroy_process_group()
+
+
+@contextlib.contextmanager
+def gloo_group(rank: int, world: int, rendezvous) -> Iterator[None]:
+    """This process as `rank` of a gloo group of `world` (file rendezvous), left on exit."""
+    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
+                            world_size=world)  # fmt: skip
+    try:
+        yield
     finally:
         dist.destroy_process_group()
 
@@ -104,10 +119,13 @@ def test_split_row_equals_one_process(case, with_init, tmp_path):
     N = 1 if offsets is None else len(offsets) - 1
     first = init if with_init else init * 0
     init_N = torch.cat([first[None], first.new_zeros(N - 1, H, K, K)])
-    o, _ = lightning_attn(q, k, v, decay, scale=0.5, initial_state=init_N, cu_seqlens=cu)
+    o, finals = lightning_attn(q, k, v, decay, scale=0.5, initial_state=init_N,
+                               output_final_state=True, cu_seqlens=cu)  # fmt: skip
     (o * w).sum().backward()
 
     assert_close(torch.cat([r["o"] for r in results], dim=1), o, 1e-10, "o")
+    for r, result in enumerate(results):  # every rank holds the row's last state
+        assert_close(result["row"], finals[-1], 1e-10, f"final state on rank {r}")
     for i, name in enumerate(("dq", "dk", "dv")):
         got = torch.cat([r["grads"][i] for r in results], dim=1)
         assert_close(got, (q, k, v)[i].grad, 1e-10, name)
@@ -131,6 +149,8 @@ def test_softmax_over_a_split_row_equals_one_process(case, tmp_path):
     o = causal_attention(q, k, v, cu_seqlens=torch.tensor(offsets))
     (o * w).sum().backward()
     assert_close(torch.cat([r["o"] for r in results], dim=1), o, 1e-10, "o")
+    for r, result in enumerate(results):  # every rank holds the row's keys and values
+        assert torch.equal(result["row"], torch.stack([k, v]).detach()), f"K, V on rank {r}"
     for i, name in enumerate(("dq", "dk", "dv")):
         got = torch.cat([r["grads"][i] for r in results], dim=1)
         ref = (q, k, v)[i].grad
@@ -214,11 +234,12 @@ def test_model_on_a_split_row_equals_one_process(preset, case, tmp_path):
     for name, p in model.named_parameters():
         shares = [r["grads"][name] for r in results if name in r["grads"]]
         assert_close(sum(shares), p.grad, 1e-10, name)
-    # the next-token loss across rank boundaries: the ranks' shares add up to the row's
+    # the next-token loss across rank boundaries and the row's aux loss: the ranks' shares
+    # add up to the row's
     model.zero_grad()
-    lm_loss = model(ids, cu_seqlens=cu, labels=ids, logits_to_keep=0).lm_loss
-    lm_loss.backward()
-    assert_close(sum(r["loss"] for r in results), lm_loss.detach(), 1e-10, "loss")
+    loss = model(ids, cu_seqlens=cu, labels=ids, logits_to_keep=0).loss
+    loss.backward()
+    assert_close(sum(r["loss"] for r in results), loss.detach(), 1e-10, "loss")
     for name, p in model.named_parameters():
         shares = [r["loss_grads"][name] for r in results if name in r["loss_grads"]]
         assert_close(sum(shares), p.grad, 1e-10, f"loss gradient of {name}")

@@ -1,10 +1,12 @@
-"""Inference: the hybrid cache, chunked prefill, sampling, batched generation, prefix reuse."""
+"""Inference: the hybrid cache, chunked prefill, sampling, batched generation, prefix reuse,
+prefill split across ranks."""
 
 from .cache import CacheSnapshot, HybridCache
 from .engine import Engine, Generation
 from .prefix import PrefixCache
 from .runner import GenerationStats, Runner, Seq, StreamEvent
 from .sampling import SamplingParams
+from .split import prefill_split
 
 __all__ = [
     "CacheSnapshot",
@@ -17,4 +19,5 @@ __all__ = [
     "SamplingParams",
     "Seq",
     "StreamEvent",
+    "prefill_split",
 ]

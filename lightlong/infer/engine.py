@@ -23,6 +23,7 @@ from lightlong.infer.cache import HybridCache
 from lightlong.infer.prefix import PrefixCache
 from lightlong.infer.runner import (
     GenerationStats,
+    Prefilled,
     Runner,
     Seq,
     StreamEvent,
@@ -123,11 +124,15 @@ class Engine:
         params: SamplingParams | None = None,
         *,
         progress: Callable[[int], None] | None = None,
+        prefilled: Sequence[Prefilled | None] | None = None,
     ) -> list[Generation]:
-        """Generates for one prompt or a batch; returns one `Generation` per prompt."""
+        """Generates for one prompt or a batch; returns one `Generation` per prompt.
+
+        prefilled: per prompt, its (cache, logits) from `prefill` or
+        `lightlong.infer.prefill_split` (the prompt is not run again), or None."""
         batch = self._as_batch(prompts)
         results = [Generation(prompt_tokens=len(p)) for p in batch]
-        for ev in self.stream(batch, params, progress=progress):
+        for ev in self.stream(batch, params, progress=progress, prefilled=prefilled):
             r = results[ev.row]
             r.token_ids.append(ev.token_id)
             r.text += ev.text
@@ -140,16 +145,25 @@ class Engine:
         params: SamplingParams | None = None,
         *,
         progress: Callable[[int], None] | None = None,
+        prefilled: Sequence[Prefilled | None] | None = None,
     ) -> Iterator[StreamEvent]:
         """Like `generate`, yielding each token as it is sampled (rows interleaved).
         Arguments are checked here, before the first token is asked for."""
         batch, params = self._as_batch(prompts), params or SamplingParams()
         params.validate(self.model.config.vocab_size)  # before sizing the cache by it
+        prefilled = [None] * len(batch) if prefilled is None else list(prefilled)
+        if len(prefilled) != len(batch):
+            raise ValueError(
+                f"prefilled must have one entry per prompt ({len(batch)}), got {len(prefilled)}"
+            )
         longest = max(len(p) for p in batch)
         runner = self._runner(len(batch), capacity=longest + params.max_new_tokens)
         # one seed for every row: a row gives the same tokens alone or in a batch
         seed = params.seed if params.seed is not None else secrets.randbits(63)
-        seqs = [runner.new_seq(p, params, seed=seed, index=b) for b, p in enumerate(batch)]
+        seqs = [
+            runner.new_seq(p, params, seed=seed, index=b, prefilled=pre)
+            for b, (p, pre) in enumerate(zip(batch, prefilled, strict=True))
+        ]
         return self._run(runner, seqs, progress)
 
     @torch.no_grad()

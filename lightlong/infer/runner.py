@@ -28,6 +28,9 @@ from lightlong.infer.sampling import SamplingParams, process_logits, sample, tok
 from lightlong.model import HybridLM
 from lightlong.tokenizer import IncrementalDecoder, Tokenizer
 
+Prefilled = tuple[HybridCache, Tensor]
+"""A prompt run elsewhere: its single-row cache and the logits [1, V] for the next token."""
+
 
 @dataclass(frozen=True)
 class StreamEvent:
@@ -176,16 +179,44 @@ class Runner:
         return ids
 
     def new_seq(
-        self, prompt: Sequence[int], params: SamplingParams, *, seed: int, index: int = 0
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        *,
+        seed: int,
+        index: int = 0,
+        prefilled: Prefilled | None = None,
     ) -> Seq:
         """A sequence to prefill and admit; `seed` seeds its sampler (the same seed gives
-        the same tokens whatever else runs beside it)."""
+        the same tokens whatever else runs beside it). With `prefilled`, the prompt was run
+        elsewhere (`Engine.prefill`, `lightlong.infer.prefill_split`): a single-row cache
+        holding its tokens and the logits [1, V] for the next token; the sequence is ready
+        to admit."""
         ids = self.check(prompt, params)
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= self.eos_ids
         generator = torch.Generator(self._device).manual_seed(seed)
-        return Seq(index, ids, params, stop_ids, generator, self.tokenizer)
+        seq = Seq(index, ids, params, stop_ids, generator, self.tokenizer)
+        if prefilled is not None:
+            seq.cache, seq.logits = self._check_prefilled(prefilled, seq)
+            seq.prefilled = len(ids)
+        return seq
+
+    def _check_prefilled(self, prefilled: Prefilled, seq: Seq) -> Prefilled:
+        """prefilled, or ValueError saying how it does not fit seq."""
+        cache, logits = prefilled
+        n, V = len(seq.prompt), self.model.config.vocab_size
+        if seq.params.prompt_logprobs is not None:
+            raise ValueError("prompt_logprobs score the prompt as it runs: pass no prefilled")
+        if cache.config != self.model.config or cache.lengths != [n]:
+            raise ValueError(
+                f"prefilled must be a single-row cache of this model holding the prompt's {n} "
+                f"tokens, got rows of lengths {cache.lengths}"
+            )
+        if tuple(logits.shape) != (1, V):
+            raise ValueError(f"prefilled logits must be [1, {V}], got {tuple(logits.shape)}")
+        return cache, logits
 
     # -- prefill ---------------------------------------------------------------------------
 

@@ -41,7 +41,7 @@ class LMOutput:
     lm_loss: Tensor | None = None
     """Mean next-token cross-entropy over labels != -100 (fp32)."""
     aux_loss: Tensor | None = None
-    """MoE load-balancing loss averaged over layers (fp32); None with a cache."""
+    """MoE load-balancing loss averaged over layers (fp32); None with a cache (unless split)."""
 
 
 class HybridBackbone(nn.Module):
@@ -114,9 +114,14 @@ class HybridLM(nn.Module):
             split: input_ids [1, C_r] are this rank's chunk of one packed row split across
                 the ranks of split.group (`lightlong.parallel.SequenceSplit`, which holds the
                 row's document offsets); every rank calls forward together. Lightning and
-                softmax layers only; no cache or cu_seqlens; the MoE aux loss is not
-                computed (None). With labels ([1, C_r], this rank's), the loss is this
-                rank's share of the row's mean: the shares add up to it over the ranks.
+                softmax layers only; no cu_seqlens. aux_loss is the whole row's (router
+                statistics summed over the ranks). With labels ([1, C_r], this rank's),
+                lm_loss is this rank's share of the row's mean and loss adds
+                router_aux_loss_coef · aux_loss / ranks: the shares add up to the row's
+                losses over the ranks, and so do their gradients. With a cache (empty, one
+                row; on any ranks, e.g. the one that decodes), the row is one document (a
+                prompt) and the cache receives the whole row, as if one process had run it:
+                `lightlong.infer.prefill_split`.
 
         Returns:
             LMOutput with logits [B, T', V] and, given labels, the losses.
@@ -128,10 +133,12 @@ class HybridLM(nn.Module):
             raise ValueError(f"input_ids must be int64, got {input_ids.dtype}")
         B, T = input_ids.shape
         seen = 0 if cache is None else cache.length
-        if c.max_position_embeddings < seen + T:
+        new = T if split is None else split.offsets[-1]  # tokens the row gains
+        if c.max_position_embeddings < seen + new:
+            row = "" if split is None else f" (of a row of {new})"
             raise ValueError(
-                f"input_ids has T={T} tokens after {seen} cached, over max_position_embeddings="
-                f"{c.max_position_embeddings}"
+                f"input_ids has T={T} tokens{row} after {seen} cached, over "
+                f"max_position_embeddings={c.max_position_embeddings}"
             )
         if T and (int(input_ids.min()) < 0 or int(input_ids.max()) >= c.vocab_size):
             raise ValueError(f"input_ids must be in [0, vocab_size={c.vocab_size})")
@@ -160,7 +167,7 @@ class HybridLM(nn.Module):
             )
         rope = rotary_cos_sin(positions, c.rotary_dim, c.rope_theta, x.dtype)
         seq = SequenceInfo(cu_seqlens, rope, positions, cache, split)
-        no_aux = cache is not None or split is not None
+        no_aux = cache is not None and split is None  # every rank of a split row joins it
         aux = None if no_aux else x.new_zeros((), dtype=torch.float32)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
         for layer in self.model.layers:
@@ -173,7 +180,7 @@ class HybridLM(nn.Module):
         if aux is not None:
             aux = aux / c.num_layers
         if cache is not None:
-            cache.advance(T)
+            cache.advance(new)
         h = self.model.norm(x)
         head = self.lm_head.weight
         if self.fp32_lm_head:
@@ -181,7 +188,10 @@ class HybridLM(nn.Module):
 
         out = LMOutput(logits=F.linear(_keep(h, logits_to_keep), head), aux_loss=aux)
         if labels is not None and split is not None:
-            out.lm_loss = out.loss = _split_loss(h, head, labels, split, logits_to_keep is None)
+            out.lm_loss = _split_loss(h, head, labels, split, logits_to_keep is None)
+            out.loss = out.lm_loss
+            if aux is not None:  # every rank holds the row's aux loss: each adds its share
+                out.loss = out.loss + c.router_aux_loss_coef * aux / len(split.lengths)
         elif labels is not None:
             targets = _next_token_targets(labels, cu_seqlens)
             if logits_to_keep is None:  # the logits are built anyway: the plain loss
@@ -260,9 +270,13 @@ def _check_split(
             f"with split, input_ids must be [1, {split.lengths[split.rank]}] (this rank's "
             f"chunk), got [{B}, {T}]"
         )
-    if cu_seqlens is not None or cache is not None:
+    if cu_seqlens is not None:
+        raise ValueError("with split, pass no cu_seqlens (the split holds the row's documents)")
+    if cache is not None and (cache.batch_size != 1 or cache.length or len(split.offsets) > 2):
         raise ValueError(
-            "with split, pass no cu_seqlens (the split holds the row's documents) or cache"
+            "with split, a cache must be empty with batch_size=1 and the row one document "
+            f"(got batch_size={cache.batch_size}, length={cache.length}, document offsets "
+            f"{list(split.offsets)})"
         )
 
 

@@ -80,7 +80,8 @@ class SequenceInfo:
     cache: LayerCache | None = None
     """Inference cache the mixers read and extend, or None (a full-sequence pass)."""
     split: SequenceSplit | None = None
-    """This rank's chunk of a row split across ranks (sequence parallelism), or None."""
+    """This rank's chunk of a row split across ranks (sequence parallelism), or None. With
+    a cache too (empty, one row), the mixers store the whole row's states and KV in it."""
 
 
 def _row_positions(seq: SequenceInfo, B: int) -> Tensor:
@@ -132,10 +133,13 @@ class LightningAttention(nn.Module):
                 cu_seqlens=seq.cu_seqlens, block_size=self.block_size,
             )  # fmt: skip
             return self.out_proj(o_BTHE.reshape(B, T, -1))
-        if seq.split is not None:
-            o_BTHE = lightning_attn_split(
-                q, k, v, decay, seq.split, scale=1.0, block_size=self.block_size
-            )
+        if seq.split is not None:  # a cache (empty) takes the row's final state
+            o_BTHE, final = lightning_attn_split(
+                q, k, v, decay, seq.split, scale=1.0, output_final_state=seq.cache is not None,
+                block_size=self.block_size,
+            )  # fmt: skip
+            if final is not None:
+                seq.cache.linear_state(self.layer_idx).copy_(final[None])
         elif seq.cache is None:
             o_BTHE, _ = lightning_attn(
                 q, k, v, decay, scale=1.0, cu_seqlens=seq.cu_seqlens, block_size=self.block_size
@@ -224,8 +228,11 @@ class SoftmaxAttention(nn.Module):
     def attend(self, q: Tensor, k: Tensor, v: Tensor, seq: SequenceInfo) -> Tensor:
         """Causal attention of rotated q [B, T, H, E] over k, v [B, T, G, E] (and the
         cache's KV) -> [B, T, H, E]."""
-        if seq.split is not None:
-            return softmax_attn_split(q, k, v, seq.split)
+        if seq.split is not None:  # a cache (empty) takes the row's keys and values
+            o_BTHE, kv = softmax_attn_split(q, k, v, seq.split, output_kv=seq.cache is not None)
+            if kv is not None:
+                seq.cache.append_kv(self.layer_idx, *kv)
+            return o_BTHE
         if seq.cache is None:
             return causal_attention(q, k, v, cu_seqlens=seq.cu_seqlens)
         start = seq.cache.start

@@ -71,13 +71,14 @@ class DecoderLayer(nn.Module):
         self.mlp_alpha, self.mlp_beta = c.mlp_alpha, c.mlp_beta
 
     def forward(self, x: Tensor, seq: SequenceInfo) -> tuple[Tensor, Tensor | None]:
-        """x [B, T, D] -> ([B, T, D], MoE aux loss; None with a cache or a split row)."""
+        """x [B, T, D] -> ([B, T, D], MoE aux loss; None with a cache, unless split)."""
         h = self.input_layernorm(x)
         x = (h if self.postnorm else x) * self.attn_alpha + self.self_attn(h, seq) * self.attn_beta
         h = self.post_attention_layernorm(x)
-        # no aux loss when decoding, nor for one rank's chunk of a split row (its routing
-        # statistics are not the row's)
-        y, aux = self.block_sparse_moe(h, with_aux=seq.cache is None and seq.split is None)
+        # no aux loss when decoding; a split row's is the whole row's, over its ranks (on
+        # every rank, cache or not: a split prefill's cache is on some ranks only)
+        with_aux = seq.cache is None or seq.split is not None
+        y, aux = self.block_sparse_moe(h, with_aux=with_aux, split=seq.split)
         if self.shared_mlp is not None:  # y ← (1 − c)·y + c·mlp(h), c = σ(h · w) in fp32
             c = torch.sigmoid(h.float() @ self.coefficient.weight.float().T).to(h.dtype)
             y = y * (1 - c) + self.shared_mlp(h) * c

@@ -6,6 +6,12 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightlong.ops.moe import grouped_experts, load_balancing_loss, route, top_k_gates
+from lightlong.parallel import (
+    ExpertParallel,
+    SequenceSplit,
+    global_load_balancing_loss,
+    grouped_experts_parallel,
+)
 
 
 class Expert(nn.Module):
@@ -35,7 +41,12 @@ class SharedMLP(nn.Module):
 
 
 class MoE(nn.Module):
-    """Router (`gate`) + experts; returns the mixed output and the load-balancing loss."""
+    """Router (`gate`) + experts; returns the mixed output and the load-balancing loss.
+
+    Under expert parallelism (`lightlong.parallel.apply_expert_parallel`) `experts` holds
+    this rank's experts only, keyed by their global index (a ModuleDict: the state dict keeps
+    the checkpoint's names), and tokens reach the experts of every rank by all-to-all.
+    """
 
     def __init__(self, hidden_size: int, intermediate_size: int, num_experts: int, top_k: int):
         super().__init__()
@@ -44,11 +55,20 @@ class MoE(nn.Module):
         self.experts = nn.ModuleList(
             Expert(hidden_size, intermediate_size) for _ in range(num_experts)
         )
+        self.expert_parallel: ExpertParallel | None = None
+        """Where the experts live when spread over ranks; None: all here."""
 
-    def forward(self, x: Tensor, with_aux: bool = True) -> tuple[Tensor, Tensor | None]:
-        """x [B, T, D] -> ([B, T, D], aux loss scalar fp32, or None without `with_aux`)."""
+    def forward(
+        self, x: Tensor, with_aux: bool = True, split: SequenceSplit | None = None
+    ) -> tuple[Tensor, Tensor | None]:
+        """x [B, T, D] -> ([B, T, D], aux loss scalar fp32, or None without `with_aux`).
+
+        The aux loss is over the tokens of every rank of split.group given `split` (x is
+        this rank's chunk of a row), else of the expert-parallel group, else over x's.
+        """
+        ep = self.expert_parallel
         x_ND = x.reshape(-1, x.shape[-1])
-        if x_ND.shape[0] == 1 and not with_aux:  # one decoded token: call its k experts
+        if x_ND.shape[0] == 1 and not with_aux and ep is None:  # one decoded token: k experts
             weights, experts, _ = top_k_gates(self.gate(x_ND), self.top_k)
             y_1D = sum(
                 w * self.experts[e](x_ND)
@@ -56,5 +76,14 @@ class MoE(nn.Module):
             )
             return y_1D.view_as(x), None
         r = route(self.gate(x_ND), self.top_k)
-        y_ND = grouped_experts(x_ND, r, lambda e, xe: self.experts[e](xe))
-        return y_ND.view_as(x), load_balancing_loss(r) if with_aux else None
+        if ep is None:
+            y_ND = grouped_experts(x_ND, r, lambda e, xe: self.experts[e](xe))
+        else:
+            y_ND = grouped_experts_parallel(x_ND, r, lambda e, xe: self.experts[str(e)](xe), ep)
+        if not with_aux:
+            return y_ND.view_as(x), None
+        batch = split if split is not None else ep  # the ranks whose tokens make the batch
+        aux = (
+            load_balancing_loss(r) if batch is None else global_load_balancing_loss(r, batch.group)
+        )
+        return y_ND.view_as(x), aux

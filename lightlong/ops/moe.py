@@ -5,10 +5,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
 from torch import Tensor
+
+ExpertFn = Callable[[int, Tensor], Tensor]
+"""expert_fn(e, x_e [n_e, D]) -> [n_e, D]: expert e (its global index) on its tokens."""
 
 
 @dataclass(frozen=True)
@@ -44,23 +48,49 @@ def route(logits: Tensor, top_k: int) -> Routing:
     return Routing(weights, top_e, probs, order, counts)
 
 
-def load_balancing_loss(r: Routing) -> Tensor:
+def load_balancing_loss(r: Routing, reduce: Callable[[Tensor], Tensor] | None = None) -> Tensor:
     """Switch-style aux loss E · Σ_e f_e · P_e: f_e the share of assignments to expert e per
-    token (sums to k), P_e the mean router probability of e. Equals k when balanced."""
+    token (sums to k), P_e the mean router probability of e. Equals k when balanced.
+
+    reduce: sums a [2E + 1] tensor (assignments per expert, router probabilities summed per
+    expert, tokens) over the ranks whose tokens make the batch, differentiably
+    (`lightlong.parallel.global_load_balancing_loss`): f and P are then the whole batch's.
+    None: this call's N tokens.
+    """
     N, E = r.probs.shape
-    f_E = torch.tensor(r.counts, dtype=r.probs.dtype, device=r.probs.device) / max(N, 1)
-    return E * (f_E * r.probs.mean(dim=0)).sum()
+    counts_E = torch.tensor(r.counts, dtype=r.probs.dtype, device=r.probs.device)
+    totals = torch.cat([counts_E, r.probs.sum(dim=0), counts_E.new_full((1,), N)])
+    if reduce is not None:
+        totals = reduce(totals)
+    counts_E, prob_sum_E, n = totals.split([E, E, 1])
+    n = n.clamp(min=1)
+    return E * (counts_E / n * (prob_sum_E / n)).sum()
 
 
-def grouped_experts(x: Tensor, r: Routing, expert_fn) -> Tensor:
+def grouped_experts(x: Tensor, r: Routing, expert_fn: ExpertFn) -> Tensor:
     """Runs each expert once over all its tokens and combines the weighted results.
 
     x [N, D]; expert_fn(e, x_e [n_e, D]) -> [n_e, D]. Returns [N, D] in x's dtype.
+    """
+    return mix_experts(x, r, lambda x_A: run_experts(x_A, r.counts, expert_fn))
+
+
+def mix_experts(x: Tensor, r: Routing, run: Callable[[Tensor], Tensor]) -> Tensor:
+    """Each token's k expert outputs, weighted and summed.
+
+    x [N, D]; run(x_A [A, D]) -> y_A [A, D]: the outputs of the assignments, whose inputs
+    x_A come sorted by expert (`Routing.order`). Returns [N, D] in x's dtype.
     """
     k = r.experts.shape[1]
     token_A = r.order // k
     x_A = x.index_select(0, token_A)
     w_A = r.weights.reshape(-1).index_select(0, r.order).to(x.dtype)
-    outs = [expert_fn(e, part) for e, part in enumerate(x_A.split(r.counts)) if r.counts[e]]
-    y_A = torch.cat(outs) * w_A[:, None] if outs else x_A
+    y_A = run(x_A) * w_A[:, None]
     return torch.zeros_like(x).index_add_(0, token_A, y_A)
+
+
+def run_experts(x_A: Tensor, counts: list[int], expert_fn: ExpertFn, first: int = 0) -> Tensor:
+    """x_A [A, D] sorted by expert: counts[i] rows for expert first + i, each expert called
+    once on its rows (none for an expert without rows). Returns [A, D]."""
+    outs = [expert_fn(first + i, part) for i, part in enumerate(x_A.split(counts)) if counts[i]]
+    return torch.cat(outs) if outs else x_A

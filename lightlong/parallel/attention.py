@@ -23,7 +23,9 @@ from lightlong.parallel.lightning import SequenceSplit
 _MASK_BYTES = 32 * 2**20
 
 
-def softmax_attn_split(q: Tensor, k: Tensor, v: Tensor, split: SequenceSplit) -> Tensor:
+def softmax_attn_split(
+    q: Tensor, k: Tensor, v: Tensor, split: SequenceSplit, *, output_kv: bool = False
+) -> tuple[Tensor, tuple[Tensor, Tensor] | None]:
     """Causal softmax attention (GQA, scale 1/√D, none across documents) over a row whose
     tokens are split across the ranks of split.group; every rank calls it with its chunk.
 
@@ -31,9 +33,11 @@ def softmax_attn_split(q: Tensor, k: Tensor, v: Tensor, split: SequenceSplit) ->
         q: [1, C_r, H, D]; k, v: [1, C_r, G, D]: this rank's tokens, rotated at their global
             positions.
         split: where the chunk sits (`SequenceSplit.of`).
+        output_kv: also return the whole row's keys and values (the all-gathered ones).
 
     Returns:
-        [1, C_r, H, D], equal to `causal_attention` over the whole row for these queries.
+        [1, C_r, H, D], equal to `causal_attention` over the whole row for these queries,
+        and the row's keys and values [1, T, G, D] (the same on every rank) or None.
     """
     C_r = split.lengths[split.rank]
     if q.shape[0] != 1 or q.shape[1] != C_r or k.shape[:2] != q.shape[:2]:
@@ -44,7 +48,7 @@ def softmax_attn_split(q: Tensor, k: Tensor, v: Tensor, split: SequenceSplit) ->
     longest = max(split.lengths)
     kv_CG2D = F.pad(torch.cat([k, v], dim=-1)[0], (0, 0, 0, 0, 0, longest - C_r))
     group = split.group if split.group is not None else dist.group.WORLD
-    everyone = funcol.all_gather_tensor_autograd(kv_CG2D.contiguous(), 0, group)
+    everyone = funcol.all_gather_single_autograd(kv_CG2D.contiguous(), 0, group)
     held = torch.cat([
         torch.arange(r * longest, r * longest + n, device=q.device)
         for r, n in enumerate(split.lengths)
@@ -72,4 +76,5 @@ def softmax_attn_split(q: Tensor, k: Tensor, v: Tensor, split: SequenceSplit) ->
                 enable_gqa=True,
             )
         )
-    return torch.cat(outs, dim=2).transpose(1, 2)
+    kv = (k_TGD[None], v_TGD[None]) if output_kv else None
+    return torch.cat(outs, dim=2).transpose(1, 2), kv

@@ -10,6 +10,9 @@ its chunk, one fp32 [H, K, V] per head, whatever the length before it:
    document starts, with λ^C = exp(−s·C) per head and S_0 the row's initial state;
 4. the chunk runs again from S_r (the first document only, if it continues from before).
 
+The state after the row's last token (what an inference cache keeps) is the same scan
+carried on to S_R: every rank holds it after step 2.
+
 The all-gather is differentiable (its backward sends each rank the gradient of its M_r),
 and the op's own backward gives the gradients through both passes, so dq, dk, dv and
 d(initial state) equal the single-process op's. Communication per call: H·K·V state
@@ -59,6 +62,11 @@ class SequenceSplit:
         """Global position of this rank's first token."""
         return sum(self.lengths[: self.rank])
 
+    @property
+    def span(self) -> slice:
+        """This rank's tokens of the row (`row[:, split.span]` is its chunk)."""
+        return slice(self.start, self.start + self.lengths[self.rank])
+
     @classmethod
     def of(
         cls,
@@ -96,6 +104,23 @@ class SequenceSplit:
             first_continues=a not in starts, offsets=tuple(offsets),
         )  # fmt: skip
 
+    @classmethod
+    def even(
+        cls,
+        num_tokens: int,
+        cu_seqlens: Tensor | Sequence[int] | None = None,
+        group: dist.ProcessGroup | None = None,
+    ) -> SequenceSplit:
+        """`of` with chunks as even as the group allows: the first num_tokens % R ranks of
+        the R take one token more."""
+        world = dist.get_world_size(group)
+        if num_tokens < world:
+            raise ValueError(
+                f"num_tokens must give each of the {world} ranks >= 1 token, got {num_tokens}"
+            )
+        share, extra = divmod(num_tokens, world)
+        return cls.of([share + (r < extra) for r in range(world)], cu_seqlens, group)
+
 
 def lightning_attn_split(
     q: Tensor,
@@ -106,8 +131,9 @@ def lightning_attn_split(
     *,
     scale: float | None = None,
     initial_state: Tensor | None = None,
+    output_final_state: bool = False,
     block_size: int | None = None,
-) -> Tensor:
+) -> tuple[Tensor, Tensor | None]:
     """`lightning_attn` over a row whose tokens are split across the ranks of split.group.
 
     Every rank of the group calls it (it all-gathers) with its own chunk.
@@ -118,9 +144,13 @@ def lightning_attn_split(
         split: where the chunk sits (`SequenceSplit.of`).
         initial_state: [H, K, V], the state before the row's first token, the same on every
             rank (its gradient is this rank's share: sum it over the group).
+        output_final_state: also return the state after the row's last token (the scan
+            carried on over the later ranks' end states: no further communication).
 
     Returns:
-        o [1, C_r, H, V], equal to the single-process op's output for these tokens.
+        o [1, C_r, H, V], equal to the single-process op's output for these tokens, and
+        the state [H, K, V] after the row's last token (of its last document; float32,
+        float64 for float64 inputs; the same on every rank) or None.
     """
     if q.shape[0] != 1 or q.shape[1] != split.lengths[split.rank]:
         raise ValueError(
@@ -132,25 +162,40 @@ def lightning_attn_split(
         q, k, v, decay, scale=scale, output_final_state=True, cu_seqlens=cu, block_size=block_size
     )
     group = split.group if split.group is not None else dist.group.WORLD
-    ranks = funcol.all_gather_tensor_autograd(finals[-1:].contiguous(), 0, group).unbind(0)
+    gathered = funcol.all_gather_single_autograd(finals[-1:].contiguous(), 0, group)
+    # waited for here: the final state returned may be one of the ranks' own, and must be a
+    # plain tensor, not a view of the collective's pending buffer
+    ranks = funcol.wait_tensor(gathered).unbind(0)
     # the scan over the ranks before this one (ranks[0] * 0 keeps every rank's result
     # depending on the all-gather, so that each rank takes part in its backward)
     state = ranks[0] * 0
     if initial_state is not None:
         state = state + initial_state.to(state.dtype)
-    for r in range(split.rank):
-        if split.starts_document[r]:
-            state = ranks[r]
-        else:
-            carry = torch.exp(-decay.to(state.dtype) * split.lengths[r])[:, None, None]
-            state = carry * state + ranks[r]
+    state = _scan(state, ranks, decay, split, range(split.rank))
+    final = None
+    if output_final_state:
+        final = _scan(state, ranks, decay, split, range(split.rank, len(ranks)))
     N = cu.numel() - 1
     first = state if split.first_continues else state * 0
     init = torch.cat([first[None], first.new_zeros(N - 1, *first.shape)])
     o, _ = lightning_attn(
         q, k, v, decay, scale=scale, initial_state=init, cu_seqlens=cu, block_size=block_size
     )
-    return o
+    return o, final
+
+
+def _scan(
+    state: Tensor, ranks: Sequence[Tensor], decay: Tensor, split: SequenceSplit, over: range
+) -> Tensor:
+    """The state [H, K, V] after the chunks of ranks `over` (in order), from `state` before
+    them: λ^C · state + M_r, or M_r alone after a chunk in which a document starts."""
+    for r in over:
+        if split.starts_document[r]:
+            state = ranks[r]
+        else:
+            carry = torch.exp(-decay.to(state.dtype) * split.lengths[r])[:, None, None]
+            state = carry * state + ranks[r]
+    return state
 
 
 def split_next_token_targets(labels: Tensor, split: SequenceSplit, ignore: int = -100) -> Tensor:
@@ -158,7 +203,7 @@ def split_next_token_targets(labels: Tensor, split: SequenceSplit, ignore: int =
     the next rank's first label (one all-gather of the ranks' first labels); a document's
     last token and the row's last predict nothing (`ignore`). labels: [1, C_r]."""
     firsts = labels.new_empty(len(split.lengths))
-    dist.all_gather_into_tensor(firsts, labels[0, :1].contiguous(), group=split.group)
+    dist.all_gather_single(firsts, labels[0, :1].contiguous(), group=split.group)
     after = firsts[split.rank + 1 : split.rank + 2]
     if split.rank + 1 == len(split.lengths):
         after = labels.new_full((1,), ignore)
