@@ -59,16 +59,22 @@ def with_default(help_: str, value: Any) -> str:
     return f"{help_} (default: {shown})".strip()
 
 
-def fields_help(cls: type) -> str:
-    """Every field of dataclass cls with its type, default and docstring, for an epilog."""
+def fields_help(cls: type, prefix: str = "") -> str:
+    """Every field of dataclass cls with its type, default and docstring, for an epilog; a
+    field that is itself a dataclass lists its fields as `field.name`."""
     docs = field_docs(cls)
     hints = typing.get_type_hints(cls)
     lines = []
     for f in dataclasses.fields(cls):
         kind = hints[f.name]
-        name = getattr(kind, "__name__", None) if typing.get_origin(kind) is None else None
-        lines.append(f"  {f.name} ({name or kind}, default {show_default(field_default(f))})")
         doc = " ".join(docs.get(f.name, "").split())
+        if dataclasses.is_dataclass(kind):
+            lines.append(fields_help(kind, prefix=f"{prefix}{f.name}."))
+            continue
+        name = getattr(kind, "__name__", None) if typing.get_origin(kind) is None else None
+        lines.append(
+            f"  {prefix}{f.name} ({name or kind}, default {show_default(field_default(f))})"
+        )
         lines.append(textwrap.fill(doc, width=88, initial_indent=" " * 6,
                                    subsequent_indent=" " * 6))  # fmt: skip
     return "\n".join(line for line in lines if line)

@@ -12,6 +12,7 @@ import os
 import re
 import stat
 import sys
+import typing
 import warnings
 from importlib.metadata import version
 
@@ -119,8 +120,14 @@ def test_every_subcommand_help_says_each_default_once(monkeypatch):
 def test_train_help_lists_every_key_with_type_default_and_docstring(cli):
     code, out, _ = cli("train", "--help")
     assert code == 0
+    hints = typing.get_type_hints(TrainConfig)
     for f in dataclasses.fields(TrainConfig):
-        assert re.search(rf"^  {f.name} \(", out, re.MULTILINE), f.name
+        table = hints[f.name]  # parallel: a table, listed as its keys parallel.NAME
+        names = [f"{f.name}.{sub.name}" for sub in dataclasses.fields(table)] if \
+            dataclasses.is_dataclass(table) else [f.name]  # fmt: skip
+        for name in names:
+            assert re.search(rf"^  {re.escape(name)} \(", out, re.MULTILINE), name
+    assert "parallel.sequence (int, default 1) Sequence-parallel degree" in " ".join(out.split())
     joined = " ".join(out.split())
     assert "warmup_steps (int, default 20) Linear warmup from 0." in joined
     assert "eval_lengths (list[int], default empty) Synthetic tasks: also measure" in joined

@@ -363,7 +363,7 @@ BAD_OVERRIDES = [
     (["batch_size=6", "grad_accum=4"], "batch_size 6 must be a multiple of grad_accum 4"),
     (["steps"], "override 'steps': expected key=value"),
     (["progress=maybe"], "progress='maybe': expected bool"),
-    (["parallel=zero3"], "parallel must be"),
+    (["parallel=zero3"], "parallel.data must be"),
     (["task=text"], "data_files"),
     (["eval_lengths=64,1"], "eval_lengths must be >= 2"),
     (["beta2=1"], "beta2 must be in"),

@@ -19,6 +19,47 @@ except ModuleNotFoundError:  # Python 3.10
 
 
 @dataclass
+class ParallelConfig:
+    """How a run spreads over the processes of a torchrun launch (key=value as
+    `parallel.sequence=2`; `parallel=fsdp` is short for `parallel.data=fsdp`). The processes
+    form a data × sequence grid: world size = replicas × `sequence`."""
+
+    data: str = "ddp"
+    """Across replicas: 'ddp', or 'fsdp' (FSDP2, fully_shard per layer; only without
+    sequence or expert parallelism)."""
+    sequence: int = 1
+    """Sequence-parallel degree: every packed row is split into this many contiguous chunks,
+    one per process (lightning layers exchange one state per head, softmax layers all-gather
+    K/V). Must divide the number of processes."""
+    expert: int = 1
+    """Expert-parallel degree: each MoE layer's experts are sharded over this many processes
+    (all-to-all token dispatch). Must divide the number of processes and the expert count."""
+
+    def validate(self) -> None:
+        """Raises ValueError naming the key (parallel.NAME) and what it accepts."""
+        if self.data not in ("ddp", "fsdp"):
+            raise ValueError(f"parallel.data must be 'ddp' or 'fsdp', got {self.data!r}")
+        for name in ("sequence", "expert"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"parallel.{name} must be >= 1, got {getattr(self, name)}")
+        if self.data == "fsdp" and (self.sequence > 1 or self.expert > 1):
+            raise ValueError(
+                "parallel.data='fsdp' runs without sequence or expert parallelism; with "
+                f"parallel.sequence={self.sequence}, parallel.expert={self.expert} use "
+                "parallel.data='ddp' (gradients all-reduced across the replicas)"
+            )
+
+    def check_world(self, world: int) -> None:
+        """Raises ValueError naming the key whose degree does not divide `world` processes."""
+        for name in ("sequence", "expert"):
+            degree = getattr(self, name)
+            if world % degree:
+                raise ValueError(
+                    f"parallel.{name}={degree} must divide the number of processes ({world})"
+                )
+
+
+@dataclass
 class TrainConfig:
     """A training run."""
 
@@ -88,8 +129,9 @@ class TrainConfig:
     """Abort after this many non-finite steps in a row (each is skipped and counted)."""
     log_every: int = 10
     """Steps between metric lines."""
-    parallel: str = "ddp"
-    """With several processes: 'ddp' or 'fsdp' (FSDP2, fully_shard per layer)."""
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    """With several processes: data (ddp, fsdp), sequence and expert parallelism (see
+    parallel.*)."""
     device: str = "cpu"
     """cpu, cuda (each process takes cuda:LOCAL_RANK) or another torch device."""
     progress: bool = True
@@ -122,8 +164,7 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
-        if self.parallel not in ("ddp", "fsdp"):
-            raise ValueError(f"parallel must be 'ddp' or 'fsdp', got {self.parallel!r}")
+        self.parallel.validate()
         if self.batch_size % self.grad_accum:
             raise ValueError(
                 f"batch_size {self.batch_size} must be a multiple of grad_accum {self.grad_accum}"
@@ -147,11 +188,20 @@ class TrainConfig:
             key, eq, text = item.partition("=")
             if not eq:
                 raise ValueError(f"override {item!r}: expected key=value")
-            if key not in names:
+            head, dot, sub = key.partition(".")
+            if head not in names or (dot and not dataclasses.is_dataclass(hints[head])):
                 raise ValueError(f"override {item!r}: unknown key {key!r}; valid: {sorted(names)}")
-            values[key] = _parse(key, text, hints[key])
+            if dot:
+                table = _table(head, values.get(head, {}))
+                table[sub] = _parse(key, text, typing.get_type_hints(hints[head]).get(sub, str))
+                values[head] = table
+            else:
+                values[key] = _parse(key, text, hints[key])
         for key, value in values.items():
-            _check_type(key, value, hints[key])
+            if dataclasses.is_dataclass(hints[key]):
+                values[key] = _nested(key, _table(key, value), hints[key])
+            else:
+                _check_type(key, value, hints[key])
         return cls(**values).validate()
 
 
@@ -215,6 +265,29 @@ def _read(path: Path) -> dict[str, Any]:
     if not isinstance(data, dict):
         raise ValueError(f"config file {path}: expected a table of key = value")
     return data
+
+
+def _table(key: str, value: Any) -> dict[str, Any]:
+    """A nested key's values: a table, or a string as the first field (parallel=fsdp)."""
+    if isinstance(value, str):
+        return {"data": value}
+    if not isinstance(value, dict):
+        raise ValueError(f"{key} must be a table of {key}.NAME = value, got {value!r}")
+    return dict(value)
+
+
+def _nested(key: str, table: dict[str, Any], cls: type) -> Any:
+    """The dataclass cls from a table, each value type-checked under its dotted name."""
+    hints = typing.get_type_hints(cls)
+    unknown = sorted(set(table) - set(hints))
+    if unknown:
+        raise ValueError(
+            f"unknown keys {[f'{key}.{u}' for u in unknown]}; valid: "
+            f"{[f'{key}.{n}' for n in hints]}"
+        )
+    for name, value in table.items():
+        _check_type(f"{key}.{name}", value, hints[name])
+    return cls(**table)
 
 
 def _parse(key: str, text: str, kind: Any) -> Any:

@@ -4,7 +4,9 @@ and TensorBoard when installed), checkpoints with exact resume, and DDP / FSDP2 
 processes.
 
 Launch several processes with `torchrun --nproc-per-node N -m lightlong train ...`: each
-takes its share of every global batch; rank 0 logs and saves.
+takes its share of every global batch; rank 0 logs and saves. With `parallel.sequence=S`
+the processes form a data × sequence grid: the S ranks of a replica hold contiguous chunks
+of the same packed rows (`lightlong.parallel`), and gradients are all-reduced over all ranks.
 """
 
 from __future__ import annotations
@@ -28,8 +30,16 @@ from torch import Tensor, nn
 from lightlong.bench.machine import matmul_gflops
 from lightlong.model import HybridConfig, HybridLM
 from lightlong.model.checkpoint import CheckpointError, ensure_writable_dir
+from lightlong.model.hybrid import SPLIT_TYPES
 from lightlong.model.info import train_flops_per_token
 from lightlong.model.source import load_model
+from lightlong.parallel import (
+    SequenceSplit,
+    apply_expert_parallel,
+    expert_parameters,
+    full_state_dict,
+    split_next_token_targets,
+)
 from lightlong.runtime import check_device
 from lightlong.train.checkpoint import load_trainer_state, resume_candidates, save_checkpoint
 from lightlong.train.config import TrainConfig
@@ -64,14 +74,23 @@ class Trainer:
     """Builds the model, data and optimizer from a `TrainConfig`; `fit()` trains.
 
     In a process group (torchrun), the model is wrapped in DDP or FSDP2 and every process
-    takes `batch_size / world_size` samples of each step.
+    takes `batch_size / world_size` samples of each step. With sequence parallelism each
+    replica (`sequence` ranks) takes `batch_size / replicas` samples, packed into one row
+    per micro-batch that its ranks split into chunks; the model stays plain and the
+    gradients are all-reduced after the backward.
     """
 
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg.validate()
         check_device(cfg.device)
         self.rank, self.world = _init_distributed(cfg.device)
+        cfg.parallel.check_world(self.world)
         self.device = _device(cfg.device)
+        self.sp, self.ep = cfg.parallel.sequence, cfg.parallel.expert
+        self.by_hand = self.sp > 1 or self.ep > 1  # no DDP: gradients reduced by hand
+        self.sp_group, self.data_rank, self.data_world = self._mesh()
+        self.ep_group, self.ep_replicas = self._expert_mesh()
+        self._check_row_fits()
         self.main = self.rank == 0
         self.out = Path(cfg.out_dir)
         if self.main:  # created at the first save; checked now, before anything is built
@@ -79,6 +98,7 @@ class Trainer:
         candidates = resume_candidates(cfg.resume, self.out)
 
         self.model: HybridLM = load_model(cfg.model, device=self.device, seed=cfg.seed)
+        self._check_model_splits()
         self.model.train()
         self.model.gradient_checkpointing = cfg.activation_checkpointing
         self.wrapped: nn.Module = self._wrap(self.model)
@@ -99,10 +119,65 @@ class Trainer:
 
     # -- setup -----------------------------------------------------------------------------
 
+    def _mesh(self) -> tuple[dist.ProcessGroup | None, int, int]:
+        """(sequence-parallel group, replica index, replicas): a (data, sequence) DeviceMesh
+        under sequence parallelism (a replica's ranks are consecutive)."""
+        if self.sp == 1:
+            return None, self.rank, self.world
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(self.device.type, (self.world // self.sp, self.sp),
+                                mesh_dim_names=("data", "sequence"))  # fmt: skip
+        return mesh["sequence"].get_group(), mesh["data"].get_local_rank(), self.world // self.sp
+
+    def _expert_mesh(self) -> tuple[dist.ProcessGroup | None, dist.ProcessGroup | None]:
+        """(expert-parallel group, group of the ranks holding the same experts): a (replica,
+        expert) DeviceMesh under expert parallelism (an expert group's ranks are
+        consecutive; they hold different tokens, of one replica's row or of several)."""
+        if self.ep == 1:
+            return None, None
+        from torch.distributed.device_mesh import init_device_mesh
+
+        mesh = init_device_mesh(self.device.type, (self.world // self.ep, self.ep),
+                                mesh_dim_names=("replica", "expert"))  # fmt: skip
+        replicas = mesh["replica"].get_group() if self.world > self.ep else None
+        return mesh["expert"].get_group(), replicas
+
+    def _check_row_fits(self) -> None:
+        c = self.cfg
+        samples = c.batch_size // c.grad_accum
+        if samples % self.data_world:
+            raise ValueError(
+                f"batch_size / grad_accum = {samples} samples per micro-batch must divide by "
+                f"the {self.data_world} replicas ({self.world} processes / parallel.sequence="
+                f"{self.sp})"
+            )
+        row = samples // self.data_world * c.seq_len
+        if row < self.sp:
+            raise ValueError(
+                f"parallel.sequence={self.sp} splits rows of {row} tokens: each rank needs at "
+                "least one (raise seq_len or batch_size)"
+            )
+
+    def _check_model_splits(self) -> None:
+        others = sorted(set(self.model.config.layer_types) - set(SPLIT_TYPES))
+        if self.sp > 1 and others:
+            raise ValueError(
+                f"parallel.sequence={self.sp}: a row split across ranks runs "
+                f"{list(SPLIT_TYPES)} layers only; {self.cfg.model} has {others}"
+            )
+
     def _wrap(self, model: HybridLM) -> nn.Module:
-        if self.world == 1:
+        if self.ep > 1:
+            if model.config.num_experts % self.ep:
+                raise ValueError(
+                    f"parallel.expert={self.ep} must divide the model's {model.config.num_experts}"
+                    " experts (num_local_experts)"
+                )
+            apply_expert_parallel(model, self.ep_group)
+        if self.world == 1 or self.by_hand:
             return model
-        if self.cfg.parallel == "fsdp":
+        if self.cfg.parallel.data == "fsdp":
             from torch.distributed.fsdp import fully_shard
 
             for layer in model.model.layers:
@@ -130,7 +205,7 @@ class Trainer:
             if tok.vocab_size > V:
                 raise ValueError(f"tokenizer has {tok.vocab_size} ids, the model {V}")
             make = lambda files: TextData(  # noqa: E731
-                files, tok, c.seq_len, local, c.text_field, self.rank, self.world
+                files, tok, c.seq_len, local, c.text_field, self.data_rank, self.data_world
             )
             # Held-out text: the last file when there are several, else the same data.
             files = c.data_files
@@ -138,8 +213,9 @@ class Trainer:
             return make(files[:-1] if len(files) > 1 else files), make(held)
         task = SyntheticTask(c.task, V, c.num_pairs, c.num_queries)
         train = SyntheticData(dataclasses.replace(task, min_pairs=c.min_pairs), c.seq_len, local,
-                              c.seed, self.rank, self.world)  # fmt: skip
-        held = SyntheticData(task, c.seq_len, local, c.seed + 1_000_003, self.rank, self.world)
+                              c.seed, self.data_rank, self.data_world)  # fmt: skip
+        held = SyntheticData(task, c.seq_len, local, c.seed + 1_000_003, self.data_rank,
+                             self.data_world)  # fmt: skip
         return train, held
 
     def _lr_factor(self, step: int) -> float:
@@ -157,11 +233,23 @@ class Trainer:
         return contextlib.nullcontext()
 
     def _loss(self, batch: Batch):
+        """The model's output on a micro-batch: under sequence parallelism on this rank's
+        chunk, whose loss is this rank's share of the row's (the shares add up to it)."""
         ids, labels = batch.input_ids.to(self.device), batch.labels.to(self.device)
+        where: dict = {"cu_seqlens": batch.cu_seqlens.to(self.device)}
+        if self.sp > 1:
+            ids, labels, split = self.chunk(batch)
+            where = {"split": split}
         with self._autocast():
-            return self.wrapped(
-                ids, cu_seqlens=batch.cu_seqlens.to(self.device), labels=labels, logits_to_keep=0
-            )
+            return self.wrapped(ids, labels=labels, logits_to_keep=0, **where)
+
+    def chunk(self, batch: Batch) -> tuple[Tensor, Tensor, SequenceSplit]:
+        """This rank's chunk of a packed row: input_ids and labels [1, C_r] on the device,
+        and the split (rows are cut into `parallel.sequence` chunks of near-equal length)."""
+        split = SequenceSplit.even(batch.num_tokens, batch.cu_seqlens, self.sp_group)
+        part = split.span
+        return (batch.input_ids[:, part].to(self.device), batch.labels[:, part].to(self.device),
+                split)  # fmt: skip
 
     def train_step(self) -> dict:
         """One optimizer step over `grad_accum` micro-batches; a non-finite loss or gradient
@@ -185,6 +273,10 @@ class Trainer:
         for p in self.model.parameters():
             if p.requires_grad and p.grad is None:
                 p.grad = torch.zeros_like(p)
+        if self.by_hand:
+            self._reduce_gradients()
+        if self.sp > 1:
+            totals = self._row_totals(totals)
         grad_norm = self._clip()
         finite = _all_ranks(finite and math.isfinite(grad_norm), self.device)
         if finite:
@@ -202,11 +294,44 @@ class Trainer:
         self.scheduler.step()
         self.step += 1
         return {**totals, "grad_norm": grad_norm, "skipped": not finite,
-                "tokens": tokens * self.world}  # fmt: skip
+                "tokens": tokens * self.data_world}  # fmt: skip
+
+    def _reduce_gradients(self) -> None:
+        """Sequence and expert parallel: each rank's gradient is its chunk's share of its
+        replica's rows. Summed over all ranks and divided by the replicas, every rank holds
+        the gradient of the mean over replicas (what DDP gives without them). A sharded
+        expert's gradient already collects its expert group's tokens (the all-to-all's
+        backward): it is summed over the ranks holding the same experts only."""
+        experts = set(map(id, expert_parameters(self.model).values()))
+        replicated = [p.grad for p in self.model.parameters() if id(p) not in experts]
+        _sum_over(replicated, None, self.data_world)
+        sharded = [p.grad for p in self.model.parameters() if id(p) in experts]
+        if self.ep_replicas is not None:  # one expert group: nothing to sum over
+            _sum_over(sharded, self.ep_replicas, self.data_world)
+        else:
+            for g in sharded:
+                g /= self.data_world
+
+    def _row_totals(self, totals: dict) -> dict:
+        """Sequence parallel: the row's loss from the ranks' shares (summed over the
+        sequence group); the aux loss is already the row's on every rank."""
+        shares = torch.tensor([totals["loss"], totals["lm_loss"]], dtype=torch.float64,
+                              device=self.device)  # fmt: skip
+        dist.all_reduce(shares, group=self.sp_group)
+        return {**totals, "loss": float(shares[0]), "lm_loss": float(shares[1])}
 
     def _clip(self) -> float:
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
+        if self.ep > 1:  # the norm over every expert: each expert group holds its share
+            experts = set(map(id, expert_parameters(self.model).values()))
+            mine = [p.grad for p in params if id(p) in experts]
+            norm_sq = torch.nn.utils.get_total_norm(mine).double() ** 2
+            dist.all_reduce(norm_sq, group=self.ep_group)
+            rest = torch.nn.utils.get_total_norm([p.grad for p in params if id(p) not in experts])
+            norm = (norm_sq + rest.double() ** 2).sqrt().to(rest.dtype)
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+            return float(norm)
         norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
         return float(norm.full_tensor() if hasattr(norm, "full_tensor") else norm)
 
@@ -299,8 +424,9 @@ class Trainer:
     def _eval_at(self, length: int | None) -> dict:
         with self._autocast():
             totals = answer_totals(
-                self.model, self.eval_data, self.cfg.eval_batches, length, self.device
-            )
+                self.model, self.eval_data, self.cfg.eval_batches, length, self.device,
+                chunk=self.chunk if self.sp > 1 else None,
+            )  # fmt: skip
         if self.world > 1:
             totals = totals.to(self.device)
             dist.all_reduce(totals)
@@ -313,13 +439,15 @@ class Trainer:
         """Everything but the weights that an exact resume needs."""
         return {
             "step": self.step,
-            "optimizer": _optimizer_state(self.model, self.optimizer, self.world, self.cfg),
+            "optimizer": _optimizer_state(
+                self.model, self.optimizer, self.world, self.cfg, self.ep_group
+            ),
             "scheduler": self.scheduler.state_dict(),
             "data": self.data.state_dict(),
             "rng": {"torch": torch.get_rng_state()},
             "nonfinite_total": self.nonfinite_total,
             "nonfinite_run": self.nonfinite_run,
-            "config": vars(self.cfg).copy(),
+            "config": dataclasses.asdict(self.cfg),
         }
 
     def save(self) -> Path | None:
@@ -394,7 +522,7 @@ class Trainer:
             raise ValueError(f"resume: {path} was trained on other data ({shown})")
 
     def _load(self, weights: dict, state: dict) -> None:
-        if self.world > 1 and self.cfg.parallel == "fsdp":
+        if self.world > 1 and self.cfg.parallel.data == "fsdp":
             from torch.distributed.checkpoint.state_dict import (
                 StateDictOptions,
                 set_model_state_dict,
@@ -404,6 +532,10 @@ class Trainer:
             opts = StateDictOptions(full_state_dict=True)
             set_model_state_dict(self.model, weights, options=opts)
             set_optimizer_state_dict(self.model, self.optimizer, state["optimizer"], options=opts)
+        elif self.ep > 1:  # this rank's experts of the full weights and moments
+            mine = self.model.state_dict().keys()
+            self.model.load_state_dict({k: v for k, v in weights.items() if k in mine})
+            self.optimizer.load_state_dict(_local_optimizer_state(self.model, state["optimizer"]))
         else:
             self.model.load_state_dict(weights)
             self.optimizer.load_state_dict(state["optimizer"])
@@ -437,10 +569,12 @@ def answer_totals(
     batches: int,
     length: int | None,
     device: torch.device,
+    chunk=None,
 ) -> Tensor:
     """Summed loss, correct argmax predictions and count over the labelled tokens of the
     first `batches` batches of held-out `data` (synthetic: at `length` if given): float64 [3].
-    This rank's share only; a distributed caller sums them."""
+    This rank's share only; a distributed caller sums them. With `chunk` (`Trainer.chunk`:
+    batch -> this rank's ids, labels and split) each row runs split across ranks."""
     loss_sum = correct = count = 0.0
     for b in range(batches):
         if isinstance(data, SyntheticData):
@@ -448,13 +582,18 @@ def answer_totals(
         else:
             data.position = b * data.batch_size  # batch_size: all ranks' windows
             batch = next(data)
-        ids, labels = batch.input_ids.to(device), batch.labels.to(device)
-        logits = model(ids, cu_seqlens=batch.cu_seqlens.to(device)).logits
-        target = labels[:, 1:]
+        if chunk is None:
+            ids, labels = batch.input_ids.to(device), batch.labels.to(device)
+            logits = model(ids, cu_seqlens=batch.cu_seqlens.to(device)).logits[:, :-1]
+            target = labels[:, 1:].clone()
+            target[:, (batch.cu_seqlens[1:-1] - 1).to(device)] = -100  # documents' last
+        else:  # the next rank's first label is the last position's target
+            ids, labels, split = chunk(batch)
+            logits = model(ids, split=split).logits
+            target = split_next_token_targets(labels, split)[None]
         mask = target != -100
-        mask[:, (batch.cu_seqlens[1:-1] - 1).to(device)] = False
-        pred = logits[:, :-1].argmax(-1)
-        lp = torch.log_softmax(logits[:, :-1].float(), -1)
+        pred = logits.argmax(-1)
+        lp = torch.log_softmax(logits.float(), -1)
         nll = -lp.gather(-1, target.clamp(min=0)[..., None])[..., 0]
         loss_sum += float(nll[mask].sum())
         correct += float((pred == target)[mask].sum())
@@ -511,9 +650,56 @@ def _tensorboard(log_dir: Path):
 
 def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices (projections, experts, embeddings); none on norms."""
-    decay = [p for p in model.parameters() if p.dim() >= 2]
-    rest = [p for p in model.parameters() if p.dim() < 2]
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": rest, "weight_decay": 0.0}]
+    params = dict(model.named_parameters())
+    decay, rest = _decay_split(model)
+    return [{"params": [params[n] for n in decay], "weight_decay": weight_decay},
+            {"params": [params[n] for n in rest], "weight_decay": 0.0}]  # fmt: skip
+
+
+def _decay_split(model: nn.Module) -> tuple[list[str], list[str]]:
+    """Parameter names with weight decay (matrices) and without, in the optimizer's order."""
+    named = list(model.named_parameters())
+    return [n for n, p in named if p.dim() >= 2], [n for n, p in named if p.dim() < 2]
+
+
+def _unsharded_split(model: HybridLM) -> tuple[list[str], list[str]]:
+    """`_decay_split` of the model without expert parallelism (built on meta)."""
+    with torch.device("meta"):
+        return _decay_split(HybridLM(model.config))
+
+
+def _gathered_optimizer_state(model: HybridLM, optimizer, group: dist.ProcessGroup) -> dict:
+    """Expert parallel: the optimizer state as one process without it would have it (every
+    expert's moments gathered from the ranks of `group`, indexed in the unsharded order), so
+    a checkpoint resumes with any expert-parallel degree."""
+    local = optimizer.state_dict()
+    names = [n for group in _decay_split(model) for n in group]  # by optimizer index
+    named = {names[i]: st for i, st in local["state"].items()}
+    experts = expert_parameters(model)
+    parts: list = [None] * dist.get_world_size(group)
+    dist.all_gather_object(parts, {n: st for n, st in named.items() if n in experts}, group=group)
+    for part in parts:
+        named.update(part)
+    groups = _unsharded_split(model)
+    index = {n: i for i, n in enumerate(n for group in groups for n in group)}
+    return {
+        "state": {index[n]: st for n, st in named.items()},
+        "param_groups": [dict(g, params=[index[n] for n in names])
+                         for g, names in zip(local["param_groups"], groups, strict=True)],
+    }  # fmt: skip
+
+
+def _local_optimizer_state(model: HybridLM, full: dict) -> dict:
+    """The part of an unsharded optimizer state that this rank's parameters hold (expert
+    parallel: its experts' moments), indexed as its optimizer expects."""
+    names = [n for group in _unsharded_split(model) for n in group]
+    groups = _decay_split(model)
+    index = {n: i for i, n in enumerate(n for group in groups for n in group)}
+    return {
+        "state": {index[names[i]]: st for i, st in full["state"].items() if names[i] in index},
+        "param_groups": [dict(g, params=[index[n] for n in mine])
+                         for g, mine in zip(full["param_groups"], groups, strict=True)],
+    }  # fmt: skip
 
 
 def _init_distributed(device: str) -> tuple[int, int]:
@@ -542,9 +728,23 @@ def _all_ranks(flag: bool, device: torch.device) -> bool:
     return bool(t.item())
 
 
+def _sum_over(grads: list[Tensor], group: dist.ProcessGroup | None, divide: int) -> None:
+    """Sums gradients over a group (None: all ranks) in one flat all-reduce, then divides."""
+    if not grads:
+        return
+    flat = torch.cat([g.reshape(-1) for g in grads])
+    dist.all_reduce(flat, group=group)
+    flat /= divide
+    for g, part in zip(grads, flat.split([g.numel() for g in grads]), strict=True):
+        g.copy_(part.view_as(g))
+
+
 def _full_model_state(model: HybridLM, world: int, cfg: TrainConfig) -> dict:
-    """The full (unsharded) weights, gathered on CPU under FSDP."""
-    if world == 1 or cfg.parallel != "fsdp":
+    """The full (unsharded) weights: every expert gathered under expert parallelism, and
+    everything on CPU under FSDP."""
+    if cfg.parallel.expert > 1:
+        return full_state_dict(model)
+    if world == 1 or cfg.parallel.data != "fsdp":
         return model.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_state_dict
 
@@ -552,8 +752,12 @@ def _full_model_state(model: HybridLM, world: int, cfg: TrainConfig) -> dict:
     return get_model_state_dict(model, options=opts)
 
 
-def _optimizer_state(model: HybridLM, optimizer, world: int, cfg: TrainConfig) -> dict:
-    if world == 1 or cfg.parallel != "fsdp":
+def _optimizer_state(
+    model: HybridLM, optimizer, world: int, cfg: TrainConfig, ep_group: dist.ProcessGroup | None
+) -> dict:
+    if ep_group is not None:
+        return _gathered_optimizer_state(model, optimizer, ep_group)
+    if world == 1 or cfg.parallel.data != "fsdp":
         return optimizer.state_dict()
     from torch.distributed.checkpoint.state_dict import StateDictOptions, get_optimizer_state_dict
 
