@@ -36,6 +36,7 @@ bench: $(STAMP)
 	$(VENV)/bin/lightlong bench generate
 	$(VENV)/bin/lightlong bench train
 	$(VENV)/bin/lightlong bench serve
+	$(VENV)/bin/lightlong bench parallel
 
 lint: $(STAMP)
 	$(VENV)/bin/ruff check .

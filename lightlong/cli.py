@@ -9,12 +9,20 @@ import json
 import os
 import signal
 import sys
+import time
 import warnings
 from importlib.metadata import version
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lightlong.config import ArgumentParser, add_config_args, config_from_args, fields_help
 from lightlong.runtime import keep_freed_memory, parse_dtype
+
+if TYPE_CHECKING:
+    import torch
+
+    from lightlong.infer.runner import Prefilled
+    from lightlong.model import HybridLM
 
 
 def _run_config(cls, run):
@@ -92,6 +100,13 @@ def _generate(args: argparse.Namespace) -> None:
     tokenizer = load_model_tokenizer(args.model, args.tokenizer)
     generation = {} if args.ignore_eos else generation_config(args.model)
     device = check_device(args.device)
+    if args.sequence_parallel:
+        from lightlong.parallel import init_torchrun
+
+        try:
+            device = init_torchrun(device)
+        except ValueError as e:
+            raise ValueError(f"--sequence-parallel: {e}") from None
     model = load_model(args.model, dtype=dtype, device=device, seed=args.seed or 0)
     engine = Engine(model, tokenizer, prefill_chunk=args.prefill_chunk)
     params = SamplingParams(
@@ -103,12 +118,19 @@ def _generate(args: argparse.Namespace) -> None:
     ids = tokenizer.encode(prompt)
     if not ids:
         raise ValueError("the prompt is empty: give --prompt or --prompt-file some text")
+    prefilled = None
+    if args.sequence_parallel:
+        t0 = time.perf_counter()
+        prefilled = _prefill_split(model, ids, device)
+        if prefilled is None:  # not rank 0: its part is done
+            return
+        prefill_s = time.perf_counter() - t0
     bar = tqdm(
         total=len(ids), desc="prefill", unit="tok", file=sys.stderr, unit_scale=True,
-        disable=len(ids) < 4 * args.prefill_chunk,
+        disable=len(ids) < 4 * args.prefill_chunk or prefilled is not None,
     )  # fmt: skip
     with bar:
-        events = engine.stream(ids, params, progress=bar.update)
+        events = engine.stream(ids, params, progress=bar.update, prefilled=[prefilled])
         first = next(events)
         bar.close()
         last = ""
@@ -119,6 +141,8 @@ def _generate(args: argparse.Namespace) -> None:
     if not last.endswith("\n"):
         print()  # the output ends its last line, as text files and shells expect
     st = engine.stats
+    if prefilled is not None:  # the prompt ran across the ranks, before the engine
+        st.prefill_tokens, st.prefill_seconds = len(ids), prefill_s
     kv = st.cache_bytes
     print(
         f"[{len(ids):,} prompt tokens at {st.prefill_tok_s:,.0f} tok/s; {st.decode_tokens} "
@@ -127,6 +151,28 @@ def _generate(args: argparse.Namespace) -> None:
         f"softmax KV {kv['softmax_kv'] / 2**20:,.1f})]",
         file=sys.stderr,
     )
+
+
+def _prefill_split(model: HybridLM, ids: list[int], device: torch.device) -> Prefilled | None:
+    """The prompt prefilled across the torchrun processes (an even split), which then leave
+    the process group: (cache, logits) on rank 0, None on the others."""
+    import torch
+    import torch.distributed as dist
+
+    from lightlong.infer import prefill_split
+    from lightlong.parallel import SequenceSplit
+
+    try:
+        split = SequenceSplit.even(len(ids))
+    except ValueError:
+        raise ValueError(
+            f"--sequence-parallel: the prompt has {len(ids)} tokens, fewer than the "
+            f"{dist.get_world_size()} processes"
+        ) from None
+    chunk_1C = torch.tensor(ids[split.span], dtype=torch.int64, device=device)[None]
+    prefilled = prefill_split(model, chunk_1C, split)
+    dist.destroy_process_group()  # decoding on rank 0 needs no other rank
+    return prefilled
 
 
 def _eval(args: argparse.Namespace) -> None:
@@ -157,6 +203,7 @@ def build_parser() -> argparse.ArgumentParser:
     from lightlong.bench.attention import AttentionBenchConfig, run_attention_bench
     from lightlong.bench.generate import GenerateBenchConfig, run_generate_bench
     from lightlong.bench.model import ModelBenchConfig, run_model_bench
+    from lightlong.bench.parallel import ParallelBenchConfig, run_parallel_bench
     from lightlong.bench.serve import ServeBenchConfig, run_serve_bench
     from lightlong.bench.train import TrainBenchConfig, run_train_bench
     from lightlong.eval.runner import TASKS as EVAL_TASKS
@@ -195,6 +242,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     add_config_args(serve_bench, ServeBenchConfig)
     serve_bench.set_defaults(func=_run_config(ServeBenchConfig, run_serve_bench))
+    parallel_bench = bench.add_parser(
+        "parallel", help="sequence parallelism: per-rank memory, step time, bytes sent, SP = 1 2 4"
+    )
+    add_config_args(parallel_bench, ParallelBenchConfig)
+    parallel_bench.set_defaults(func=_run_config(ParallelBenchConfig, run_parallel_bench))
 
     train = commands.add_parser(
         "train", help="train a model (torchrun --nproc-per-node N -m lightlong train ...)",
@@ -280,6 +332,12 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                      help="weight dtype")  # fmt: skip
     gen.add_argument("--device", default="cpu", help="torch device")
+    gen.add_argument(
+        "--sequence-parallel", action="store_true",
+        help="under torchrun --nproc-per-node N -m lightlong generate: prefill the prompt "
+        "split evenly across the N processes (NCCL on cuda, each on cuda:LOCAL_RANK; gloo "
+        "otherwise), then decode on rank 0",
+    )  # fmt: skip
     gen.set_defaults(func=_generate)
     return parser
 

@@ -96,3 +96,20 @@ def rss_bytes() -> tuple[int, int]:
             if key in ("VmRSS", "VmHWM"):
                 fields[key] = int(value.split()[0]) * 1024
     return fields["VmRSS"], fields["VmHWM"]
+
+
+def reset_peak(device: str) -> int:
+    """Starts a peak-memory window; returns the baseline to subtract: the bytes allocated on
+    CUDA, the resident memory (RSS) on the CPU."""
+    if device.startswith("cuda"):
+        torch.cuda.reset_peak_memory_stats(device)
+        return torch.cuda.memory_allocated(device)
+    reset_peak_rss()
+    return rss_bytes()[0]
+
+
+def peak_since(device: str, baseline: int) -> int:
+    """Peak memory above the baseline since `reset_peak`."""
+    if device.startswith("cuda"):
+        return torch.cuda.max_memory_allocated(device) - baseline
+    return max(0, rss_bytes()[1] - baseline)

@@ -14,7 +14,7 @@ from collections.abc import Callable
 
 import torch
 
-from lightlong.bench.machine import reset_peak_rss, rss_bytes, sync
+from lightlong.bench.machine import peak_since, reset_peak, sync
 from lightlong.runtime import keep_freed_memory, parse_dtype, release_freed_memory
 
 _MIN_REPS, _MAX_REPS = 3, 50
@@ -42,22 +42,6 @@ def run_in_fresh_process(spec: dict, timeout_s: float) -> dict | None:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def _reset_peak(device: str) -> int:
-    """Starts a peak-memory window; returns the baseline to subtract."""
-    if device.startswith("cuda"):
-        torch.cuda.reset_peak_memory_stats(device)
-        return torch.cuda.memory_allocated(device)
-    reset_peak_rss()
-    return rss_bytes()[0]
-
-
-def _peak_since(device: str, baseline: int) -> int:
-    """Peak memory above the baseline since `_reset_peak`."""
-    if device.startswith("cuda"):
-        return torch.cuda.max_memory_allocated(device) - baseline
-    return max(0, rss_bytes()[1] - baseline)
-
-
 def time_and_peak(fn: Callable[[], object], device: str) -> tuple[float, int]:
     """Best wall time of fn over repeated runs, and the peak memory one run adds.
 
@@ -76,9 +60,9 @@ def time_and_peak(fn: Callable[[], object], device: str) -> tuple[float, int]:
 
     keep_freed_memory(False)
     release_freed_memory()
-    baseline = _reset_peak(device)
+    baseline = reset_peak(device)
     first = once()
-    peak = _peak_since(device, baseline)
+    peak = peak_since(device, baseline)
     keep_freed_memory(True)
     once()  # the pages the timed runs reuse
     reps = 1 if first > _SLOW_S else max(_MIN_REPS, min(_MAX_REPS, int(_BUDGET_S / first)))
@@ -293,7 +277,7 @@ def measure_generate(spec: dict) -> dict:
     result: dict = {}
     if mode == "context":
         ids = prompt(L)
-        baseline = _reset_peak(device)
+        baseline = reset_peak(device)
         if impl == "lightlong":
             engine = ours()
             engine.generate(ids, greedy)
@@ -302,7 +286,7 @@ def measure_generate(spec: dict) -> dict:
                           cache_bytes=st.cache_bytes)  # fmt: skip
         else:
             result["prefill_s"], result["decode_tok_s"] = hf_decode([ids], spec["new_tokens"])
-        result["peak_bytes"] = _peak_since(device, baseline)
+        result["peak_bytes"] = peak_since(device, baseline)
     elif mode == "batched":
         for B in (1, spec["batch"]):
             prompts = [prompt(L) for _ in range(B)]
@@ -386,9 +370,9 @@ def measure_train(spec: dict) -> dict:
         opt.step()
 
     step(1, warm)
-    baseline = _reset_peak(device)
+    baseline = reset_peak(device)
     seconds, _ = _timed(lambda: step(rows, T), device)
-    return {"step_s": seconds, "peak_bytes": _peak_since(device, baseline)}
+    return {"step_s": seconds, "peak_bytes": peak_since(device, baseline)}
 
 
 _KINDS = {
