@@ -261,3 +261,26 @@ def test_model_refuses_what_cannot_run_split(tmp_path):
             windowed(ids, split=split)
     finally:
         dist.destroy_process_group()
+
+
+@pytest.mark.parametrize("start", [0, 5, 36])
+def test_the_state_only_pass_equals_the_ops_final_state(start):
+    """chunk_state (no outputs) is the state lightning_attn ends a chunk with, from the last
+    document's start (37 tokens: not a multiple of any block; decay 0 included)."""
+    from lightlong.parallel.lightning import chunk_state
+
+    q, k, v, _, _, decay = inputs(37)
+    k, v = k.clone().requires_grad_(), v.clone().requires_grad_()
+    cu = torch.tensor([0, start, 37] if start else [0, 37])
+    _, finals = lightning_attn(q, k, v, decay, output_final_state=True, cu_seqlens=cu,
+                               block_size=8)  # fmt: skip
+    w = torch.randn_like(finals[-1])
+    (finals[-1] * w).sum().backward()
+    expected = finals[-1].detach(), k.grad.clone(), v.grad.clone()
+    k.grad = v.grad = None
+    state = chunk_state(k, v, decay, start)
+    (state * w).sum().backward()
+    for got, want, name in zip(
+        (state.detach(), k.grad, v.grad), expected, ("M", "dk", "dv"), strict=True
+    ):
+        assert_close(got, want, 1e-12, name)

@@ -14,13 +14,11 @@ rendezvous, a timeout on the join so that a hang fails).
 from __future__ import annotations
 
 import dataclasses
-from contextlib import contextmanager
 
 import pytest
 import torch
-import torch.distributed as dist
 from conftest import assert_close
-from test_parallel import CASES, model_and_row, spawn_ranks
+from test_parallel import CASES, gloo_group, model_and_row, spawn_ranks
 
 from lightlong import HybridConfig, HybridLM
 from lightlong.parallel import (
@@ -33,18 +31,6 @@ from lightlong.parallel import (
 R, B, T = 2, 2, 16  # ranks, rows per rank, tokens per row
 TOL = {torch.float64: 1e-10, torch.float32: 1e-5}
 ROUTINGS = ("random", "rank0-sends-nothing-to-rank1", "no-token-reaches-rank1")
-
-
-@contextmanager
-def gloo(rank: int, world: int, rendezvous):
-    """This spawned process as rank `rank` of a gloo group, with one torch thread."""
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
-                            world_size=world)  # fmt: skip
-    try:
-        yield
-    finally:
-        dist.destroy_process_group()
 
 
 def model_and_batch(routing: str, dtype: torch.dtype) -> tuple[HybridLM, torch.Tensor]:
@@ -77,7 +63,8 @@ def model_and_batch(routing: str, dtype: torch.dtype) -> tuple[HybridLM, torch.T
 
 
 def rank_expert_parallel(rank, world, rendezvous, routing, dtype, out):
-    with gloo(rank, world, rendezvous):
+    torch.set_num_threads(1)
+    with gloo_group(rank, world, rendezvous):
         model, ids = model_and_batch(routing, dtype)
         apply_expert_parallel(model)
         mine = ids[rank * B : (rank + 1) * B]
@@ -151,7 +138,8 @@ def test_expert_parallel_equals_one_process(routing, dtype, tmp_path):
 
 
 def rank_refuses(rank, world, rendezvous, out):
-    with gloo(rank, world, rendezvous):
+    torch.set_num_threads(1)
+    with gloo_group(rank, world, rendezvous):
         cfg = dataclasses.replace(HybridConfig.from_preset("tiny"), num_experts=3)
         errors = []
         for model in (HybridLM(cfg), HybridLM(HybridConfig.from_preset("tiny"))):
@@ -173,7 +161,8 @@ def test_expert_parallel_refuses_bad_degree_and_a_second_call(tmp_path):
 
 
 def rank_split_aux(rank, world, rendezvous, lengths, offsets, out):
-    with gloo(rank, world, rendezvous):
+    torch.set_num_threads(1)
+    with gloo_group(rank, world, rendezvous):
         model, ids, _ = model_and_row("tiny", sum(lengths))
         split = SequenceSplit.of(lengths, offsets)
         aux = model(ids[:, split.start : split.start + lengths[rank]], split=split).aux_loss

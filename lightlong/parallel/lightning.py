@@ -3,8 +3,9 @@
 Rank r holds tokens [a_r, b_r) of the row. Its tokens need only the state S_r entering
 its chunk, one fp32 [H, K, V] per head, whatever the length before it:
 
-1. each rank runs its chunk from a zero state and keeps the state after it, M_r (from the
-   chunk's last document start, if one starts in it);
+1. each rank computes the state after its chunk from a zero state, M_r (from the chunk's
+   last document start, if one starts in it): a state-only pass, one contraction
+   (`chunk_state`), no outputs;
 2. one all-gather of the M_r;
 3. S_r = λ^{C_{r−1}} S_{r−1} + M_{r−1}, restarting (S_r = M_{r−1}) after a chunk in which a
    document starts, with λ^C = exp(−s·C) per head and S_0 the row's initial state;
@@ -158,11 +159,9 @@ def lightning_attn_split(
             f"{tuple(q.shape)}"
         )
     cu = split.cu_seqlens.to(q.device)
-    _, finals = lightning_attn(
-        q, k, v, decay, scale=scale, output_final_state=True, cu_seqlens=cu, block_size=block_size
-    )
     group = split.group if split.group is not None else dist.group.WORLD
-    gathered = funcol.all_gather_single_autograd(finals[-1:].contiguous(), 0, group)
+    mine = chunk_state(k, v, decay, int(split.cu_seqlens[-2]))
+    gathered = funcol.all_gather_single_autograd(mine[None].contiguous(), 0, group)
     # waited for here: the final state returned may be one of the ranks' own, and must be a
     # plain tensor, not a view of the collective's pending buffer
     ranks = funcol.wait_tensor(gathered).unbind(0)
@@ -182,6 +181,20 @@ def lightning_attn_split(
         q, k, v, decay, scale=scale, initial_state=init, cu_seqlens=cu, block_size=block_size
     )
     return o, final
+
+
+def chunk_state(k: Tensor, v: Tensor, decay: Tensor, start: int = 0) -> Tensor:
+    """The state after a chunk's last token, from a zero state at token `start` (its last
+    document's first): M = Σ_t exp(−s·(C − 1 − t)) k_tᵀ v_t over t >= start, without the
+    outputs (one contraction, differentiable).
+
+    k: [1, C, H, K]; v: [1, C, H, V]; decay: [H]. Returns [H, K, V] in float32 (float64
+    for float64 inputs), as `lightning_attn(..., output_final_state=True)` gives it."""
+    dtype = torch.promote_types(k.dtype, torch.float32)
+    age = torch.arange(k.shape[1] - start - 1, -1, -1, device=k.device, dtype=dtype)
+    weight = torch.exp(-decay.to(dtype)[None, :] * age[:, None])  # [C − start, H]
+    k_TH = k[0, start:].to(dtype) * weight[..., None]
+    return torch.einsum("thk,thv->hkv", k_TH, v[0, start:].to(dtype))
 
 
 def _scan(
