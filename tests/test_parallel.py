@@ -181,21 +181,21 @@ def test_split_is_checked(tmp_path):
 # ---------------------------------------------------------------------- the model, split
 
 
-def model_and_row(preset: str, T: int):
+def model_and_row(preset: str, T: int, dtype: torch.dtype = torch.float64):
     torch.manual_seed(0)
-    model = HybridLM(HybridConfig.from_preset(preset)).double()
+    model = HybridLM(HybridConfig.from_preset(preset)).to(dtype)
     g = torch.Generator().manual_seed(T + 1)
     ids = torch.randint(0, model.config.vocab_size, (1, T), generator=g)
-    w = torch.randn(1, T, model.config.vocab_size, generator=g, dtype=torch.float64)
+    w = torch.randn(1, T, model.config.vocab_size, generator=g, dtype=torch.float64).to(dtype)
     return model, ids, w
 
 
-def rank_model(rank, world, rendezvous, lengths, offsets, preset, out):
+def rank_model(rank, world, rendezvous, lengths, offsets, preset, out, dtype):
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"file://{rendezvous}", rank=rank,
                             world_size=world)  # fmt: skip
     try:
-        model, ids, w = model_and_row(preset, sum(lengths))
+        model, ids, w = model_and_row(preset, sum(lengths), dtype)
         split = SequenceSplit.of(lengths, offsets)
         a, b = split.start, split.start + lengths[rank]
         logits = model(ids[:, a:b], split=split).logits
@@ -213,36 +213,40 @@ def rank_model(rank, world, rendezvous, lengths, offsets, preset, out):
 
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize(
-    ("preset", "case"),
-    [("tiny", "2-ranks-document-starts-at-the-boundary"),
-     ("tiny", "4-ranks-documents-across-boundaries"),
-     ("tiny-linear", "4-ranks-one-token-rank-starts-a-document")],
+    ("preset", "case", "dtype"),
+    [("tiny", "2-ranks-document-starts-at-the-boundary", "float64"),
+     ("tiny", "4-ranks-documents-across-boundaries", "float64"),
+     ("tiny-linear", "4-ranks-one-token-rank-starts-a-document", "float64"),
+     ("tiny", "4-ranks-documents-across-boundaries", "float32"),
+     ("tiny-linear", "2-ranks-document-starts-at-the-boundary", "float32")],
 )  # fmt: skip
-def test_model_on_a_split_row_equals_one_process(preset, case, tmp_path):
-    """tiny (lightning + softmax) and tiny-linear in float64: every rank's logits equal the
+def test_model_on_a_split_row_equals_one_process(preset, case, dtype, tmp_path):
+    """tiny (lightning + softmax) and tiny-linear: every rank's logits equal the
     single-process forward's for its tokens, and the parameter gradients summed over the
-    ranks equal the single-process ones."""
+    ranks equal the single-process ones (float64 to 1e-10, float32 to 1e-5)."""
     lengths, offsets = CASES[case]
+    tol = {"float64": 1e-10, "float32": 1e-5}[dtype]
+    dtype = getattr(torch, dtype)
     results = spawn_ranks(rank_model, len(lengths), tmp_path, lengths, offsets, preset,
-                          tmp_path, timeout=150)  # fmt: skip
+                          tmp_path, dtype, timeout=150)  # fmt: skip
 
-    model, ids, w = model_and_row(preset, sum(lengths))
+    model, ids, w = model_and_row(preset, sum(lengths), dtype)
     cu = torch.tensor(offsets)
     logits = model(ids, cu_seqlens=cu).logits
     (logits * w).sum().backward()
-    assert_close(torch.cat([r["logits"] for r in results], dim=1), logits, 1e-10, "logits")
+    assert_close(torch.cat([r["logits"] for r in results], dim=1), logits, tol, "logits")
     for name, p in model.named_parameters():
         shares = [r["grads"][name] for r in results if name in r["grads"]]
-        assert_close(sum(shares), p.grad, 1e-10, name)
+        assert_close(sum(shares), p.grad, tol, name)
     # the next-token loss across rank boundaries and the row's aux loss: the ranks' shares
     # add up to the row's
     model.zero_grad()
     loss = model(ids, cu_seqlens=cu, labels=ids, logits_to_keep=0).loss
     loss.backward()
-    assert_close(sum(r["loss"] for r in results), loss.detach(), 1e-10, "loss")
+    assert_close(sum(r["loss"] for r in results), loss.detach(), tol, "loss")
     for name, p in model.named_parameters():
         shares = [r["loss_grads"][name] for r in results if name in r["loss_grads"]]
-        assert_close(sum(shares), p.grad, 1e-10, f"loss gradient of {name}")
+        assert_close(sum(shares), p.grad, tol, f"loss gradient of {name}")
 
 
 def test_model_refuses_what_cannot_run_split(tmp_path):

@@ -186,6 +186,11 @@ def test_parallel_takes_a_table_or_the_data_mode(tmp_path):
     toml.write_text('model = "tiny"\n[parallel]\nsequence = 4\nexpert = 2\n')
     assert TrainConfig.load(toml).parallel == ParallelConfig("ddp", 4, 2)
     assert TrainConfig.load(None, ["parallel=fsdp"]).parallel == ParallelConfig("fsdp", 1, 1)
+    # the data mode alone keeps the table's other keys, from the file or the command line
+    assert TrainConfig.load(toml, ["parallel=ddp"]).parallel == ParallelConfig("ddp", 4, 2)
+    both = TrainConfig.load(None, ["parallel.sequence=2", "parallel=ddp"]).parallel
+    assert both == ParallelConfig("ddp", 2, 1)
+    assert TrainConfig(parallel="fsdp").validate().parallel == ParallelConfig("fsdp", 1, 1)
     with pytest.raises(ValueError, match=r"parallel.expert=2 must divide the number of processes"):
         ParallelConfig(expert=2).check_world(3)
 

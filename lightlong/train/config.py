@@ -164,6 +164,8 @@ class TrainConfig:
                 raise ValueError(f"{name} must be in [0, 1), got {getattr(self, name)}")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be 'float32' or 'bfloat16', got {self.dtype!r}")
+        if isinstance(self.parallel, str):  # TrainConfig(parallel="fsdp"), as before
+            self.parallel = ParallelConfig(data=self.parallel)
         self.parallel.validate()
         if self.batch_size % self.grad_accum:
             raise ValueError(
@@ -191,9 +193,13 @@ class TrainConfig:
             head, dot, sub = key.partition(".")
             if head not in names or (dot and not dataclasses.is_dataclass(hints[head])):
                 raise ValueError(f"override {item!r}: unknown key {key!r}; valid: {sorted(names)}")
-            if dot:
+            if dataclasses.is_dataclass(hints[head]):  # parallel=fsdp sets parallel.data
                 table = _table(head, values.get(head, {}))
-                table[sub] = _parse(key, text, typing.get_type_hints(hints[head]).get(sub, str))
+                if dot:
+                    kind = typing.get_type_hints(hints[head]).get(sub, str)
+                    table[sub] = _parse(key, text, kind)
+                else:
+                    table.update(_table(head, text))
                 values[head] = table
             else:
                 values[key] = _parse(key, text, hints[key])

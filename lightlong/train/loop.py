@@ -152,11 +152,11 @@ class Trainer:
                 f"the {self.data_world} replicas ({self.world} processes / parallel.sequence="
                 f"{self.sp})"
             )
-        row = samples // self.data_world * c.seq_len
+        row = samples // self.data_world * min(c.seq_len, *c.eval_lengths)
         if row < self.sp:
             raise ValueError(
-                f"parallel.sequence={self.sp} splits rows of {row} tokens: each rank needs at "
-                "least one (raise seq_len or batch_size)"
+                f"parallel.sequence={self.sp} splits rows of {row} tokens (seq_len, "
+                "eval_lengths): each rank needs at least one (raise them or batch_size)"
             )
 
     def _check_model_splits(self) -> None:
@@ -357,7 +357,8 @@ class Trainer:
         last: dict = {}
         window_tokens, window_t0 = 0, time.perf_counter()
         with _signals(self):
-            while self.step < c.steps and self._stop_signal is None:
+            # a signal may reach the ranks at different steps: they stop together
+            while self.step < c.steps and _all_ranks(self._stop_signal is None, self.device):
                 m = self.train_step()
                 window_tokens += m["tokens"]
                 if bar is not None:
@@ -677,7 +678,9 @@ def _gathered_optimizer_state(model: HybridLM, optimizer, group: dist.ProcessGro
     named = {names[i]: st for i, st in local["state"].items()}
     experts = expert_parameters(model)
     parts: list = [None] * dist.get_world_size(group)
-    dist.all_gather_object(parts, {n: st for n, st in named.items() if n in experts}, group=group)
+    mine = {n: {k: v.cpu() if isinstance(v, Tensor) else v for k, v in st.items()}
+            for n, st in named.items() if n in experts}  # fmt: skip
+    dist.all_gather_object(parts, mine, group=group)
     for part in parts:
         named.update(part)
     groups = _unsharded_split(model)
@@ -709,6 +712,8 @@ def _init_distributed(device: str) -> tuple[int, int]:
         return 0, 1
     if not dist.is_initialized():
         backend = "nccl" if device.startswith("cuda") else "gloo"
+        if backend == "nccl":  # object collectives and barriers use the current device
+            torch.cuda.set_device(_device(device))
         dist.init_process_group(backend)
     return dist.get_rank(), dist.get_world_size()
 
