@@ -209,3 +209,15 @@ def test_a_layer_type_that_cannot_run_split_is_refused_before_training(tmp_path,
     cfg = TrainConfig.load(None, [*ARGS, f"model={model}", "parallel.sequence=2", f"out_dir={out}"])
     with pytest.raises(ValueError, match=r"parallel.sequence=2: a row split across ranks runs"):
         Trainer(cfg)
+
+
+def test_an_evaluation_length_too_short_to_split_is_refused_before_training(tmp_path, monkeypatch):
+    """4 held-out samples of 2 tokens are 8 tokens: too few for 16 ranks, found at setup."""
+    import lightlong.train.loop as loop
+
+    monkeypatch.setattr(loop, "_init_distributed", lambda device: (0, 16))
+    monkeypatch.setattr(loop.Trainer, "_mesh", lambda self: (None, 0, 1))
+    cfg = TrainConfig.load(None, [*ARGS, "eval_lengths=2", "parallel.sequence=16",
+                                  f"out_dir={tmp_path / 'run'}"])  # fmt: skip
+    with pytest.raises(ValueError, match=r"parallel.sequence=16 splits rows of 8 tokens"):
+        Trainer(cfg)

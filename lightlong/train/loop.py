@@ -152,7 +152,7 @@ class Trainer:
                 f"the {self.data_world} replicas ({self.world} processes / parallel.sequence="
                 f"{self.sp})"
             )
-        row = samples // self.data_world * min(c.seq_len, *c.eval_lengths)
+        row = samples // self.data_world * min([c.seq_len, *c.eval_lengths])
         if row < self.sp:
             raise ValueError(
                 f"parallel.sequence={self.sp} splits rows of {row} tokens (seq_len, "
