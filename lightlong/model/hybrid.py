@@ -254,17 +254,23 @@ SPLIT_TYPES = ("lightning", "softmax")
 """Layer types that run on a row split across ranks (`HybridLM.forward(split=...)`)."""
 
 
+def check_splittable(c: HybridConfig, prefix: str = "") -> None:
+    """ValueError when the model has layer types that cannot run on a split row (message
+    after `prefix`, e.g. the setting that asked for the split)."""
+    others = sorted(set(c.layer_types) - set(SPLIT_TYPES))
+    if others:
+        raise ValueError(
+            f"{prefix}a row split across ranks runs {list(SPLIT_TYPES)} layers only; this "
+            f"model has {others}"
+        )
+
+
 def _check_split(
     c: HybridConfig, split: SequenceSplit, B: int, T: int, cu_seqlens: Tensor | None,
     labels: Tensor | None, cache: LayerCache | None,
 ) -> None:  # fmt: skip
     """ValueError naming what cannot go with a split row."""
-    others = sorted(set(c.layer_types) - set(SPLIT_TYPES))
-    if others:
-        raise ValueError(
-            f"a row split across ranks runs {list(SPLIT_TYPES)} layers only; this model has "
-            f"{others}"
-        )
+    check_splittable(c)
     if B != 1 or split.lengths[split.rank] != T:
         raise ValueError(
             f"with split, input_ids must be [1, {split.lengths[split.rank]}] (this rank's "

@@ -30,7 +30,7 @@ from torch import Tensor, nn
 from lightlong.bench.machine import matmul_gflops
 from lightlong.model import HybridConfig, HybridLM
 from lightlong.model.checkpoint import CheckpointError, ensure_writable_dir
-from lightlong.model.hybrid import SPLIT_TYPES
+from lightlong.model.hybrid import check_splittable
 from lightlong.model.info import train_flops_per_token
 from lightlong.model.source import load_model
 from lightlong.parallel import (
@@ -102,6 +102,8 @@ class Trainer:
         self.model.train()
         self.model.gradient_checkpointing = cfg.activation_checkpointing
         self.wrapped: nn.Module = self._wrap(self.model)
+        # ids of the expert-parallel shards (none without it): reduced and clipped apart
+        self.expert_ids = set(map(id, expert_parameters(self.model).values()))
         self.optimizer = torch.optim.AdamW(
             _param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
             betas=(cfg.beta1, cfg.beta2), fused=False,
@@ -160,12 +162,8 @@ class Trainer:
             )
 
     def _check_model_splits(self) -> None:
-        others = sorted(set(self.model.config.layer_types) - set(SPLIT_TYPES))
-        if self.sp > 1 and others:
-            raise ValueError(
-                f"parallel.sequence={self.sp}: a row split across ranks runs "
-                f"{list(SPLIT_TYPES)} layers only; {self.cfg.model} has {others}"
-            )
+        if self.sp > 1:
+            check_splittable(self.model.config, f"parallel.sequence={self.sp}: ")
 
     def _wrap(self, model: HybridLM) -> nn.Module:
         if self.ep > 1:
@@ -302,7 +300,7 @@ class Trainer:
         the gradient of the mean over replicas (what DDP gives without them). A sharded
         expert's gradient already collects its expert group's tokens (the all-to-all's
         backward): it is summed over the ranks holding the same experts only."""
-        experts = set(map(id, expert_parameters(self.model).values()))
+        experts = self.expert_ids
         replicated = [p.grad for p in self.model.parameters() if id(p) not in experts]
         _sum_over(replicated, None, self.data_world)
         sharded = [p.grad for p in self.model.parameters() if id(p) in experts]
@@ -324,7 +322,7 @@ class Trainer:
         params = [p for p in self.model.parameters() if p.grad is not None]
         max_norm = self.cfg.grad_clip if self.cfg.grad_clip > 0 else float("inf")
         if self.ep > 1:  # the norm over every expert: each expert group holds its share
-            experts = set(map(id, expert_parameters(self.model).values()))
+            experts = self.expert_ids
             mine = [p.grad for p in params if id(p) in experts]
             norm_sq = torch.nn.utils.get_total_norm(mine).double() ** 2
             dist.all_reduce(norm_sq, group=self.ep_group)
