@@ -143,6 +143,46 @@ def test_decode_step_by_step_matches_full_forward(variant, dtype):
     assert cache.length == 23
 
 
+def decode_logits(model: HybridLM, ids_BT, prefill: int, drop_row_at: int | None = None):
+    """Logits [B, V] of each decode step after a prefill of `prefill` tokens; with
+    `drop_row_at`, the last row leaves the batch at that step (the batch size changes)."""
+    B, T = ids_BT.shape
+    cache = HybridCache.for_model(model, batch_size=B, max_batch_size=B)
+    steps = []
+    with torch.no_grad():
+        model(ids_BT[:, :prefill], cache=cache)
+        for t in range(prefill, T):
+            if t == drop_row_at:
+                cache.remove(B - 1)
+                ids_BT, B = ids_BT[:-1], B - 1
+            steps.append(model(ids_BT[:, t : t + 1], cache=cache).logits[:, 0])
+    return steps
+
+
+@pytest.mark.slow  # compiles the layers: ~30-80 s on a CPU
+def test_compiled_decode_matches_eager_decode():
+    """`compile_decode`: the compiled step (lightning, softmax with growing KV, MoE for one
+    token and for a batch) computes the eager step's logits, and a batch size that changes
+    mid-decode is still right; prefill (T > 1) stays eager."""
+    model = make_model(tiny(["lightning", "softmax"]))
+    ids_BT = random_ids(12, batch=2, seed=8)
+    eager = decode_logits(model, ids_BT, 5, drop_row_at=9)
+    one = decode_logits(model, ids_BT[:1], 5)
+    model.compile_decode()
+    try:
+        compiled = decode_logits(model, ids_BT, 5, drop_row_at=9)
+        assert_close(torch.stack(compiled[4:]), torch.stack(eager[4:]), 1e-5, "after a row left")
+        for t, (c, e) in enumerate(zip(compiled[:4], eager[:4], strict=True)):
+            assert_close(c, e, 1e-5, f"decode step {t}, batch of 2")
+        single = decode_logits(model, ids_BT[:1], 5)  # one row: the one-token MoE path
+        assert_close(torch.stack(single), torch.stack(one), 1e-5, "batch of 1")
+        assert model._decode_layers is not None
+    finally:
+        model.compile_decode(False)
+    assert model._decode_layers is None
+    assert all(layer.block_sparse_moe.decode_experts is None for layer in model.model.layers)
+
+
 # ------------------------------------------------------------------ batched == single
 
 

@@ -70,6 +70,38 @@ class HybridLM(nn.Module):
         """Compute the LM head (logits and loss) in fp32 from low-precision weights and
         hidden states: MiniMax-M1 found bf16 logits skew token probabilities enough to break
         RL; costs one fp32 copy of the head per call."""
+        self._decode_layers: list[nn.Module] | None = None  # `compile_decode`
+
+    def compile_decode(self, enable: bool = True, **compile_kwargs) -> HybridLM:
+        """Runs decode steps (one token per row, with a cache, no autograd) through
+        `torch.compile`d layers and experts (fused elementwise kernels, far fewer Python
+        calls per token); prefill, training and every other call stay eager. The compiled
+        step computes what the eager one does (tested equal to fp32 rounding); the first
+        steps compile (tens of seconds on a CPU), and a new batch size compiles once more.
+        `enable=False` goes back to eager. Returns self.
+
+        compile_kwargs go to `torch.compile` (default dynamic=False: every decode step has
+        the same shapes, apart from the softmax layers' KV, which is attended eagerly).
+        """
+        moes = [layer.block_sparse_moe for layer in self.model.layers]
+        if not enable:
+            self._decode_layers = None
+            for moe in moes:
+                moe.decode_experts = None
+            return self
+        compile_kwargs.setdefault("dynamic", False)
+        # Every layer runs DecoderLayer.forward with its own constants (index, residual
+        # scales, decay): one graph each, for each batch size, over dynamo's default of 8.
+        limits = torch._dynamo.config
+        limits.recompile_limit = max(limits.recompile_limit, 4 * len(moes) + 8)
+        limits.accumulated_recompile_limit = max(
+            limits.accumulated_recompile_limit, 16 * len(moes) + 64
+        )
+        self._decode_layers = [torch.compile(x, **compile_kwargs) for x in self.model.layers]
+        for moe in moes:
+            if moe.expert_parallel is None:
+                moe.decode_experts = [torch.compile(e, **compile_kwargs) for e in moe.experts]
+        return self
 
     def tie_weights(self) -> None:
         """Shares the embedding with the LM head when the config says so (again after
@@ -170,7 +202,10 @@ class HybridLM(nn.Module):
         no_aux = cache is not None and split is None  # every rank of a split row joins it
         aux = None if no_aux else x.new_zeros((), dtype=torch.float32)
         recompute = self.gradient_checkpointing and self.training and torch.is_grad_enabled()
-        for layer in self.model.layers:
+        layers = self.model.layers
+        if self._decode_layers is not None and T == 1 and no_aux and not torch.is_grad_enabled():
+            layers = self._decode_layers
+        for layer in layers:
             if recompute:
                 x, layer_aux = checkpoint(layer, x, seq, use_reentrant=False)
             else:

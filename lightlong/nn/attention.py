@@ -28,6 +28,7 @@ from lightlong.ops import (
     window_attention,
 )
 from lightlong.ops.attention import apply_rotary, cached_attention, causal_attention
+from lightlong.ops.lightning.recurrent import decode_step_
 from lightlong.parallel import SequenceSplit, lightning_attn_split, softmax_attn_split
 
 
@@ -114,12 +115,26 @@ class LightningAttention(nn.Module):
         # build may touch them; copied to each device once.
         rates = decay_rates(num_heads, layer_idx, num_layers, slope_heads=slope_heads)
         self._decay = {torch.device("cpu"): rates if decayed else torch.zeros_like(rates)}
+        self._lam_m1: dict[tuple[torch.device, torch.dtype], Tensor] = {}
 
     def decay(self, device: torch.device) -> Tensor:
         """The layer's decay rates [H] (fp32) on `device`."""
         if device not in self._decay:
             self._decay[device] = self._decay[torch.device("cpu")].to(device)
         return self._decay[device]
+
+    def _decay_step(self, q: Tensor, k: Tensor, v: Tensor, state: Tensor) -> Tensor:
+        """One decode step (T = 1) on the cache's state [B, H, K, V], updated in place.
+
+        On the CPU the checked public step's work without its checks (the model checked
+        its inputs), with λ − 1 = expm1(−decay) computed once per device and state dtype.
+        """
+        if q.device.type != "cpu":  # the fused Triton step where it applies
+            return lightning_attn_step(q, k, v, self.decay(q.device), state, scale=1.0)
+        key = (state.device, state.dtype)
+        if key not in self._lam_m1:
+            self._lam_m1[key] = torch.expm1(-self.decay(state.device).to(state.dtype))
+        return decode_step_(q, k, v, self._lam_m1[key], state, 1.0)
 
     def forward(self, x: Tensor, seq: SequenceInfo) -> Tensor:
         """x [B, T, D] -> [B, T, D]."""
@@ -145,9 +160,7 @@ class LightningAttention(nn.Module):
                 q, k, v, decay, scale=1.0, cu_seqlens=seq.cu_seqlens, block_size=self.block_size
             )
         elif T == 1:
-            o_BTHE = lightning_attn_step(
-                q, k, v, decay, seq.cache.linear_state(self.layer_idx), scale=1.0
-            )
+            o_BTHE = self._decay_step(q, k, v, seq.cache.linear_state(self.layer_idx))
         else:
             state = seq.cache.linear_state(self.layer_idx)
             o_BTHE, final = lightning_attn(
@@ -235,9 +248,16 @@ class SoftmaxAttention(nn.Module):
             return o_BTHE
         if seq.cache is None:
             return causal_attention(q, k, v, cu_seqlens=seq.cu_seqlens)
-        start = seq.cache.start
-        k_BGLE, v_BGLE = seq.cache.append_kv(self.layer_idx, k, v)
-        return cached_attention(q, k_BGLE, v_BGLE, start=start)
+        return _attend_cached(q, k, v, seq.cache, self.layer_idx)
+
+
+@torch.compiler.disable  # the KV grows every step: a compiled decode step attends eagerly
+def _attend_cached(q: Tensor, k: Tensor, v: Tensor, cache: LayerCache, layer_idx: int) -> Tensor:
+    """Appends k, v [B, T, G, E] to layer `layer_idx`'s KV in `cache`; attention of q
+    [B, T, H, E] over all of it -> [B, T, H, E]."""
+    start = cache.start
+    k_BGLE, v_BGLE = cache.append_kv(layer_idx, k, v)
+    return cached_attention(q, k_BGLE, v_BGLE, start=start)
 
 
 class LocalAttention(SoftmaxAttention):

@@ -73,7 +73,8 @@ class DecoderLayer(nn.Module):
     def forward(self, x: Tensor, seq: SequenceInfo) -> tuple[Tensor, Tensor | None]:
         """x [B, T, D] -> ([B, T, D], MoE aux loss; None with a cache, unless split)."""
         h = self.input_layernorm(x)
-        x = (h if self.postnorm else x) * self.attn_alpha + self.self_attn(h, seq) * self.attn_beta
+        x = _scaled_sum(h if self.postnorm else x, self.attn_alpha, self.self_attn(h, seq),
+                        self.attn_beta)  # fmt: skip
         h = self.post_attention_layernorm(x)
         # no aux loss when decoding; a split row's is the whole row's, over its ranks (on
         # every rank, cache or not: a split prefill's cache is on some ranks only)
@@ -82,4 +83,15 @@ class DecoderLayer(nn.Module):
         if self.shared_mlp is not None:  # y ← (1 − c)·y + c·mlp(h), c = σ(h · w) in fp32
             c = torch.sigmoid(h.float() @ self.coefficient.weight.float().T).to(h.dtype)
             y = y * (1 - c) + self.shared_mlp(h) * c
-        return (h if self.postnorm else x) * self.mlp_alpha + y * self.mlp_beta, aux
+        return _scaled_sum(h if self.postnorm else x, self.mlp_alpha, y, self.mlp_beta), aux
+
+
+def _scaled_sum(r: Tensor, alpha: float, y: Tensor, beta: float) -> Tensor:
+    """α·r + β·y, the scaled residual, rounded as the released code rounds it (α·r and β·y
+    each, then their sum). Without autograd, y (the layer's own new tensor) takes the
+    result in place and a factor of 1 costs no kernel."""
+    if y.requires_grad:
+        return r * alpha + y * beta
+    if beta != 1.0:
+        y.mul_(beta)
+    return y.add_(r * alpha if alpha != 1.0 else r)

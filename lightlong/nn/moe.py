@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
@@ -57,6 +58,9 @@ class MoE(nn.Module):
         )
         self.expert_parallel: ExpertParallel | None = None
         """Where the experts live when spread over ranks; None: all here."""
+        self.decode_experts: list[nn.Module] | None = None
+        """The experts a decoded token runs (`HybridLM.compile_decode`: compiled); None:
+        `experts` themselves."""
 
     def forward(
         self, x: Tensor, with_aux: bool = True, split: SequenceSplit | None = None
@@ -70,11 +74,7 @@ class MoE(nn.Module):
         x_ND = x.reshape(-1, x.shape[-1])
         if x_ND.shape[0] == 1 and not with_aux and ep is None:  # one decoded token: k experts
             weights, experts, _ = top_k_gates(self.gate(x_ND), self.top_k)
-            y_1D = sum(
-                w * self.experts[e](x_ND)
-                for w, e in zip(weights[0].to(x.dtype), experts[0].tolist(), strict=True)
-            )
-            return y_1D.view_as(x), None
+            return self._one_token(x_ND, weights[0].to(x.dtype), experts[0]).view_as(x), None
         r = route(self.gate(x_ND), self.top_k)
         if ep is None:
             y_ND = grouped_experts(x_ND, r, lambda e, xe: self.experts[e](xe))
@@ -87,3 +87,14 @@ class MoE(nn.Module):
             load_balancing_loss(r) if batch is None else global_load_balancing_loss(r, batch.group)
         )
         return y_ND.view_as(x), aux
+
+    @torch.compiler.disable  # expert ids become Python ints: compiled, each pair would recompile
+    def _one_token(self, x_1D: Tensor, weights_k: Tensor, experts_k: Tensor) -> Tensor:
+        """Σ_i weights_k[i] · expert_{experts_k[i]}(x_1D) for one token x_1D [1, D] -> [1, D],
+        accumulated in place (each expert itself may be compiled)."""
+        y_1D = None
+        experts = self.experts if self.decode_experts is None else self.decode_experts
+        for w, e in zip(weights_k, experts_k.tolist(), strict=True):
+            out = experts[e](x_1D).mul_(w)
+            y_1D = out if y_1D is None else y_1D.add_(out)
+        return y_1D

@@ -102,8 +102,7 @@ def lightning_attn_step(
         o [B, 1, H, V] in q's dtype. Not differentiable (inference only).
     """
     args = check_inputs(q, k, v, decay, scale, state, None)
-    B, T, H, K = q.shape
-    V = v.shape[-1]
+    T = q.shape[1]
     if T != 1:
         raise ValueError(f"q must hold one token per sequence [B, 1, H, K], got T={T}")
     if state.dtype != args.state_dtype:
@@ -117,10 +116,27 @@ def lightning_attn_step(
 
         q, k, v = (x if x.stride(-1) == 1 else x.contiguous() for x in (q, k, v))
         return decode_step(q, k, v, decay.to(torch.float32).contiguous(), state, args.scale)
+    return decode_step_(q, k, v, torch.expm1(-decay.to(state.dtype)), state, args.scale)
+
+
+@torch.no_grad()
+def decode_step_(
+    q: Tensor, k: Tensor, v: Tensor, lam_m1: Tensor, state: Tensor, scale: float
+) -> Tensor:
+    """`lightning_attn_step` on the torch backend without its checks, for a caller that
+    checked once (the model's decode path): the state's update and output in three kernels.
+
+    q, k [B, 1, H, K]; v [B, 1, H, V]; lam_m1 [H] = expm1(−decay) in the state's dtype;
+    state [B, H, K, V] contiguous, updated in place. Returns o [B, 1, H, V] in q's dtype.
+    """
+    B, _, H, K = q.shape
+    V = v.shape[-1]
     dt = state.dtype
     # S ← S + expm1(−s)·S + kᵀv: the exact-rate form of `_recur`.
-    state.addcmul_(state, torch.expm1(-decay.to(dt))[:, None, None])
+    state.addcmul_(state, lam_m1[:, None, None])
     S_XKV = state.view(B * H, K, V)  # X = B·H
     S_XKV.baddbmm_(k.reshape(B * H, K, 1).to(dt), v.reshape(B * H, 1, V).to(dt))
-    o_X1V = torch.bmm(q.reshape(B * H, 1, K).to(dt), S_XKV) * args.scale
+    o_X1V = torch.bmm(q.reshape(B * H, 1, K).to(dt), S_XKV)
+    if scale != 1.0:
+        o_X1V.mul_(scale)
     return o_X1V.view(B, 1, H, V).to(q.dtype)
