@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from lightlong.model.config import HybridConfig
+from lightlong.model.config import LINEAR_TYPES, HybridConfig
 from lightlong.nn import DecoderLayer, Expert, LayerCache, RMSNorm, SequenceInfo
 from lightlong.ops.attention import positions_in_sequence, rotary_cos_sin
 from lightlong.ops.loss import (
@@ -172,8 +172,10 @@ class HybridLM(nn.Module):
                 f"input_ids has T={T} tokens{row} after {seen} cached, over "
                 f"max_position_embeddings={c.max_position_embeddings}"
             )
-        if T and (int(input_ids.min()) < 0 or int(input_ids.max()) >= c.vocab_size):
-            raise ValueError(f"input_ids must be in [0, vocab_size={c.vocab_size})")
+        if T and input_ids.numel():
+            lo, hi = (int(t) for t in torch.aminmax(input_ids))
+            if lo < 0 or hi >= c.vocab_size:
+                raise ValueError(f"input_ids must be in [0, vocab_size={c.vocab_size})")
         if cu_seqlens is not None:
             check_cu_seqlens(cu_seqlens, B, T)
         if labels is not None and labels.shape != input_ids.shape:
@@ -197,7 +199,10 @@ class HybridLM(nn.Module):
             positions = torch.arange(T, device=x.device) + (
                 start if isinstance(start, int) else start[:, None]
             )
-        rope = rotary_cos_sin(positions, c.rotary_dim, c.rope_theta, x.dtype)
+        if all(t in LINEAR_TYPES for t in c.layer_types):  # no layer rotates: no tables
+            rope = (x.new_empty(0), x.new_empty(0))
+        else:
+            rope = rotary_cos_sin(positions, c.rotary_dim, c.rope_theta, x.dtype)
         seq = SequenceInfo(cu_seqlens, rope, positions, cache, split)
         no_aux = cache is not None and split is None  # every rank of a split row joins it
         aux = None if no_aux else x.new_zeros((), dtype=torch.float32)

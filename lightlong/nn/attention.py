@@ -75,7 +75,8 @@ class SequenceInfo:
     cu_seqlens: Tensor | None
     """int64 [N + 1] offsets of packed sequences (B == 1), or None."""
     rope: tuple[Tensor, Tensor]
-    """cos, sin [T, R] or [B, T, R] at each token's position within its sequence."""
+    """cos, sin [T, R] or [B, T, R] at each token's position within its sequence (empty
+    when the model has no layer that rotates)."""
     positions: Tensor
     """int64 [T] or [B, T]: each token's position within its sequence."""
     cache: LayerCache | None = None
