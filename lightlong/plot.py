@@ -52,6 +52,15 @@ def bars(i: int) -> dict:
     return {"color": f"C{i % 10}", "hatch": HATCHES[i % len(HATCHES)], "edgecolor": "white"}
 
 
+def predicted(ax, x: float, y: float, color: str, label: str) -> None:
+    """One predicted, not measured, point: a hollow marker, no line to it (a fit drawn past
+    the measured range reads as data), "predicted" beside it and in its legend label."""
+    ax.plot([x], [y], linestyle="none", marker="o", markersize=8, markerfacecolor="none",
+            markeredgecolor=color, label=f"{label} (predicted)")  # fmt: skip
+    ax.annotate("predicted", (x, y), textcoords="offset points", xytext=(6, -3), fontsize=7,
+                color=color)  # fmt: skip
+
+
 def tidy(*axes) -> None:
     """Plain tick labels on every axis of `axes`: no offset or scientific notation on linear
     axes; on log axes, lengths in binary units (base 2: 1K, 4K, 1M) and other numbers in

@@ -249,15 +249,20 @@ def test_checkpoint_modes_follow_the_umask(tmp_path, umask):
 def bench_in_process(monkeypatch):
     """Each measurement in this process, timed once or twice: what the command does with
     the numbers is under test here, not the numbers."""
-    from lightlong.bench import generate, model, train, worker
+    from lightlong.bench import generate, machine, model, train, worker
 
-    def here(spec: dict, timeout_s: float) -> dict:
+    def here(spec: dict, timeout_s: float, failed: list | None = None) -> dict:
         return worker._KINDS[spec["kind"]](spec)
+
+    def roofline(device: str = "cpu"):  # a few milliseconds: sizes far below the caches
+        return machine.measure_roofline(device, gemm_n=64, matvec_bytes=2**16,
+                                        copy_bytes=2**16, budget_s=0.0)  # fmt: skip
 
     monkeypatch.setattr(worker, "_BUDGET_S", 0.0)
     monkeypatch.setattr(worker, "_MIN_REPS", 1)
     for module in (generate, model, train):
         monkeypatch.setattr(module, "run_in_fresh_process", here)
+        monkeypatch.setattr(module, "measure_roofline", roofline)
 
 
 # The benches run a preset as transformers can (post-norm, full-head RoPE): `tiny` is quick.
@@ -265,7 +270,8 @@ BENCHES = {
     "model": ["--lengths", "32", "--fwdbwd-max-len", "16"],  # prefill only
     "generate": ["--contexts", "32", "--long-prompt", "0", "--new-tokens", "2", "--batch", "2",
                  "--batch-context", "16", "--prefix", "64", "--suffix", "8",
-                 "--prefill-chunk", "64"],  # the prefix cache keeps whole chunks
+                 "--prefill-chunk", "64",  # the prefix cache keeps whole chunks
+                 "--precision-context", "32"],
     "train": ["--lengths", "32", "--tokens", "64"],
 }  # fmt: skip
 

@@ -56,8 +56,23 @@ from pathlib import Path
 
 import torch
 
-from lightlong.bench.machine import describe_machine, slug
-from lightlong.bench.report import fmt, ratio, target, targets_line, write_results
+from lightlong.bench.machine import (
+    Roofline,
+    decode_bound_tok_s,
+    describe_machine,
+    fraction_of_bound,
+    measure_roofline,
+    slug,
+)
+from lightlong.bench.report import (
+    check_overwrite,
+    fmt,
+    ratio,
+    target,
+    targets_line,
+    write_results,
+)
+from lightlong.bench.roofline import decode_bytes_per_token, forward_flops_per_token
 from lightlong.bench.worker import log
 from lightlong.model import HybridLM
 from lightlong.model.source import load_model_tokenizer, resolve_config
@@ -122,6 +137,8 @@ class ServeBenchConfig:
     """Shared-prefix workload: turns per conversation."""
     out_dir: str = "benchmarks/results"
     """Where the JSON, Markdown and PNG go."""
+    overwrite: bool = False
+    """Replace result files already in out_dir (else the run stops before measuring)."""
 
     def validate(self) -> None:
         """Raises ValueError naming the field that is out of range."""
@@ -180,13 +197,16 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict:
     """Starts the servers, measures, prints the table, writes JSON + Markdown + PNG; returns
     the report."""
     cfg.validate()
+    check_overwrite(results_stem(cfg, describe_machine(cfg.device)), cfg.overwrite)
+    threads = cfg.threads or max(1, (os.cpu_count() or 1) - 1)
+    roofline = _roofline(cfg.device, threads)
+    log(roofline.summary())
     t0 = time.perf_counter()
     deadline = t0 + cfg.time_limit_s
     tokenizer = load_model_tokenizer(cfg.model)
     special = {tokenizer.eos_token_id, tokenizer.bos_token_id}
     vocab = min(tokenizer.vocab_size, resolve_config(cfg.model).vocab_size)
     pool = [i for i in range(vocab) if i not in special]
-    threads = cfg.threads or max(1, (os.cpu_count() or 1) - 1)
     with _server(cfg, threads, prefix_cache_bytes=0) as url:
         off = asyncio.run(_shared_phase(cfg, url, pool, "off", deadline))
     with _server(cfg, threads, prefix_cache_bytes=None) as url:
@@ -194,10 +214,42 @@ def run_serve_bench(cfg: ServeBenchConfig) -> dict:
         sweep, skipped = asyncio.run(_sweep(cfg, url, pool, on["warmup"]["ttft_s"], deadline))
     ceiling = _engine_decode(cfg, threads, pool, [r["concurrency"] for r in sweep])
     report = _summarise(cfg, threads, sweep, skipped, {"off": off, "on": on}, t0)
-    report["engine_decode"] = ceiling
+    report["roofline"] = roofline.to_dict()
+    report["engine_decode"] = _with_bounds(ceiling, cfg, roofline)
     print(format_table(report))
     _write(report, cfg)
     return report
+
+
+def _roofline(device: str, threads: int) -> Roofline:
+    """The roofline measured with the server's torch thread count."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        return measure_roofline(device)
+    finally:
+        torch.set_num_threads(before)
+
+
+def _with_bounds(rows: list[dict], cfg: ServeBenchConfig, roofline: Roofline) -> list[dict]:
+    """Engine decode rows with their bounds: batch 1 as a fraction of the matrix-vector
+    bandwidth bound ("of_bound", bytes read per token at `prompt_tokens` of context), larger
+    batches of the GEMM peak of the dtype ("of_gemm"); None where the dtype or the model's
+    layer types have no bound."""
+    config = resolve_config(cfg.model)
+    for r in rows:
+        r["of_bound"] = r["of_gemm"] = None
+        try:
+            if r["batch"] == 1:
+                nbytes = decode_bytes_per_token(config, cfg.prompt_tokens, cfg.dtype)["total"]
+                bound = decode_bound_tok_s(nbytes, roofline.matvec(cfg.dtype))
+                r["of_bound"] = fraction_of_bound(r["output_tok_s"], bound)
+            else:
+                flops = forward_flops_per_token(config, cfg.prompt_tokens, decode=True)
+                r["of_gemm"] = r["output_tok_s"] * flops / 1e9 / roofline.gemm(cfg.dtype)
+        except ValueError as e:  # no rate measured for the dtype; layer types not counted
+            log(f"engine decode batch {r['batch']}: no bound ({e})")
+    return rows
 
 
 ENGINE_STEPS = 16
@@ -621,9 +673,14 @@ def format_table(report: dict) -> str:
         )
     engine = report.get("engine_decode", [])
     if engine:
-        lines += ["", "| engine decode, no HTTP | ms per step | output tok/s |", "|---|---|---|"]
         lines += [
-            f"| batch {r['batch']} | {r['step_s'] * 1e3:,.1f} | {r['output_tok_s']:,.1f} |"
+            "",
+            "| engine decode, no HTTP | ms per step | output tok/s | of bound | of GEMM |",
+            "|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| batch {r['batch']} | {r['step_s'] * 1e3:,.1f} | {r['output_tok_s']:,.1f} | "
+            f"{fmt(r.get('of_bound'), '.2f')} | {fmt(r.get('of_gemm'), '.2f')} |"
             for r in engine
         ]
     m = report["machine"]
@@ -640,16 +697,25 @@ def format_table(report: dict) -> str:
         f"torch {m['torch']}; {report['model']['ref']}: "
         f"{report['model']['params']['total'] / 1e6:.1f}M params, {cfg['dtype']}; "
         f"client and server on the same machine",
+        *([Roofline.from_dict(report["roofline"]).summary()] if "roofline" in report else []),
         targets_line(report["targets"]),
     ]
     return "\n".join(lines)
 
 
+def results_stem(cfg: ServeBenchConfig, machine: dict) -> Path:
+    """Where the results go, without the suffix: serve-cpu, serve-cuda-<gpu>, -quick."""
+    device = machine["device"].split(":")[0] + (
+        f"-{slug(machine['gpu'])}" if "gpu" in machine else ""
+    )
+    return Path(cfg.out_dir) / (f"serve-{device}" + ("-quick" if cfg.quick else ""))
+
+
 def _write(report: dict, cfg: ServeBenchConfig) -> None:
-    m = report["machine"]
-    device = m["device"].split(":")[0] + (f"-{slug(m['gpu'])}" if "gpu" in m else "")
-    stem = Path(cfg.out_dir) / (f"serve-{device}" + ("-quick" if cfg.quick else ""))
-    write_results(stem, report, format_table(report), plot_serve)
+    write_results(
+        results_stem(cfg, report["machine"]), report, format_table(report), plot_serve,
+        overwrite=cfg.overwrite,
+    )  # fmt: skip
 
 
 def plot_serve(report: dict, path: Path) -> None:

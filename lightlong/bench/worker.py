@@ -27,19 +27,36 @@ def log(msg: str) -> None:
     print(msg, file=sys.stderr, flush=True)
 
 
-def run_in_fresh_process(spec: dict, timeout_s: float) -> dict | None:
-    """Runs one measurement in a new interpreter; None (and a line on stderr) if it fails."""
+def describe_spec(spec: dict) -> str:
+    """A measurement in a few words: 'generate lightlong mode=context context=32 ...'."""
+    parts = [str(spec.get("kind")), str(spec.get("op", spec.get("impl", "")))]
+    for key in ("mode", "T", "context", "batch", "dtype", "quantize", "modes"):
+        if spec.get(key) is not None:
+            parts.append(f"{key}={spec[key]}")
+    return " ".join(parts)
+
+
+def run_in_fresh_process(
+    spec: dict, timeout_s: float, failed: list[dict] | None = None
+) -> dict | None:
+    """Runs one measurement in a new interpreter; None (and a line on stderr) if it fails,
+    also appended to `failed` as {"what", "error"} (the error's last line)."""
     cmd = [sys.executable, "-m", "lightlong.bench.worker", json.dumps(spec)]
-    what = f"{spec.get('kind')} {spec.get('op', spec.get('impl', ''))} T={spec.get('T')}"
+    what = describe_spec(spec)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
-        log(f"  {what}: timed out after {timeout_s:.0f}s")
-        return None
-    if proc.returncode != 0:
-        log(f"  {what}: failed\n{proc.stderr[-2000:]}")
-        return None
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+        error = f"timed out after {timeout_s:.0f}s"
+    else:
+        if proc.returncode == 0:
+            return json.loads(proc.stdout.strip().splitlines()[-1])
+        lines = proc.stderr.strip().splitlines()
+        error = lines[-1] if lines else f"exit code {proc.returncode}"
+        log(proc.stderr[-2000:])
+    log(f"  {what}: failed: {error}")
+    if failed is not None:
+        failed.append({"what": what, "error": error})
+    return None
 
 
 def time_and_peak(fn: Callable[[], object], device: str) -> tuple[float, int]:
@@ -223,10 +240,14 @@ def measure_generate(spec: dict) -> dict:
       from nothing).
 
     spec: impl ("lightlong" | "transformers"), checkpoint, mode, context, new_tokens,
-    batch, suffix, prefill_chunk, device, dtype.
+    batch, suffix, prefill_chunk, device, dtype (the weights' and activations'), quantize
+    (lightlong: "int8" quantizes the weights after loading, `lightlong.nn.quant`; absent or
+    None: not).
     """
     impl, device, mode, L = spec["impl"], spec["device"], spec["mode"], spec["context"]
-    dtype = parse_dtype(spec["dtype"])
+    dtype, quantize = parse_dtype(spec["dtype"]), spec.get("quantize")
+    if quantize not in (None, "int8") or (quantize and impl != "lightlong"):
+        raise ValueError(f"quantize: None, or 'int8' with impl lightlong; got {quantize!r}")
     # One run per point (a 1M-token prefill takes minutes), timed as `lightlong` runs: with
     # freed memory kept for reuse. The peak is the process's high-water mark above the
     # loaded model, so it counts what the allocator holds, not only live tensors.
@@ -236,7 +257,11 @@ def measure_generate(spec: dict) -> dict:
         from lightlong.infer import Engine, SamplingParams
         from lightlong.model import HybridLM
 
-        model = HybridLM.from_pretrained(spec["checkpoint"], dtype=dtype, device=device)
+        model = HybridLM.from_pretrained(spec["checkpoint"], dtype=dtype, device=device).eval()
+        if quantize == "int8":
+            from lightlong.nn.quant import quantize_int8
+
+            quantize_int8(model)
         vocab = model.config.vocab_size
     elif impl == "transformers":
         from transformers import MiniMaxForCausalLM
@@ -330,9 +355,16 @@ def measure_train(spec: dict) -> dict:
     activation checkpointing: its time and peak memory. A first step on one short row
     allocates the optimizer state and warms the code paths.
 
-    spec: impl ("lightlong" | "transformers"), checkpoint, T, tokens, device, dtype.
+    spec: impl ("lightlong" | "transformers"), checkpoint, T, tokens, device, dtype
+    ("float32", or "bfloat16": autocast with fp32 weights and optimizer, as `lightlong
+    train` runs it).
     """
+    from contextlib import nullcontext
+
     impl, T, device = spec["impl"], spec["T"], spec["device"]
+    if spec["dtype"] not in ("float32", "bfloat16"):
+        raise ValueError(f"dtype must be float32 or bfloat16, got {spec['dtype']!r}")
+    bf16 = spec["dtype"] == "bfloat16"
     rows = spec["tokens"] // T
     warm = min(T, 1024)
     gen = torch.Generator().manual_seed(0)
@@ -366,7 +398,13 @@ def measure_train(spec: dict) -> dict:
 
     def step(n_rows: int, length: int):
         opt.zero_grad(set_to_none=True)
-        loss(n_rows, length).backward()
+        with (
+            torch.autocast(torch.device(device).type, dtype=torch.bfloat16)
+            if bf16
+            else nullcontext()
+        ):
+            value = loss(n_rows, length)
+        value.backward()
         opt.step()
 
     step(1, warm)
