@@ -107,7 +107,9 @@ def _generate(args: argparse.Namespace) -> None:
             device = init_torchrun(device)
         except ValueError as e:
             raise ValueError(f"--sequence-parallel: {e}") from None
-    model = load_model(args.model, dtype=dtype, device=device, seed=args.seed or 0)
+    model = load_model(
+        args.model, dtype=dtype, device=device, seed=args.seed or 0, quantize=args.quantize
+    )
     engine = Engine(model, tokenizer, prefill_chunk=args.prefill_chunk)
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -332,6 +334,8 @@ def build_parser() -> argparse.ArgumentParser:
     gen.add_argument("--dtype", choices=["float32", "bfloat16"], default="float32",
                      help="weight dtype")  # fmt: skip
     gen.add_argument("--device", default="cpu", help="torch device")
+    gen.add_argument("--quantize", choices=["none", "int8"], default="none",
+                     help="int8: projections and experts in int8 (lightlong.nn.quant)")  # fmt: skip
     gen.add_argument(
         "--sequence-parallel", action="store_true",
         help="under torchrun --nproc-per-node N -m lightlong generate: prefill the prompt "

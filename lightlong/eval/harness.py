@@ -102,6 +102,8 @@ class LightlongLM(LM):
         seed: weights seed for presets and the sampling seed when `do_sample` is set.
         max_gen_toks: tokens to generate when a request's gen_kwargs do not say.
         max_batch_size: accepted because lm_eval passes it; unused (no automatic batch size).
+        quantize: "none" or "int8" (`lightlong.nn.quantize_int8`; ignored for a built
+            `HybridLM`).
     """
 
     def __init__(
@@ -116,6 +118,7 @@ class LightlongLM(LM):
         seed: int | str = 0,
         max_gen_toks: int | str = 256,
         max_batch_size: int | str | None = None,
+        quantize: str = "none",
     ) -> None:
         super().__init__()
         self.seed = _int_arg(seed, "seed", 0)
@@ -128,6 +131,7 @@ class LightlongLM(LM):
                 dtype=parse_dtype(dtype, ("float32", "bfloat16")),
                 device=_check_device(device),
                 seed=self.seed,
+                quantize=quantize,
             )
         self.model = model.eval()
         self._device = self.model.lm_head.weight.device

@@ -76,6 +76,8 @@ class EvalConfig:
     """Model dtype: float32 or bfloat16."""
     device: str = "cpu"
     """Torch device."""
+    quantize: str = "none"
+    """none, or int8: projections and experts as int8 weights (`lightlong.nn.quantize_int8`)."""
     train_length: int = 0
     """Marks the model's training length on the perplexity plot (0: none)."""
     out_dir: str = "runs/eval"
@@ -96,6 +98,8 @@ class EvalConfig:
             raise ValueError("max_new_tokens and train_length must be >= 0")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"dtype must be float32 or bfloat16, got {self.dtype!r}")
+        if self.quantize not in ("none", "int8"):
+            raise ValueError(f"quantize must be none or int8, got {self.quantize!r}")
         return self
 
 
@@ -210,7 +214,8 @@ def load(cfg: EvalConfig):
     tokenizer = load_model_tokenizer(cfg.model, cfg.tokenizer or None)
     dtype = parse_dtype(cfg.dtype)
     device = check_device(cfg.device)
-    return load_model(cfg.model, dtype=dtype, device=device).eval(), tokenizer
+    model = load_model(cfg.model, dtype=dtype, device=device, quantize=cfg.quantize)
+    return model.eval(), tokenizer
 
 
 def run_eval(task_name: str, cfg: EvalConfig, *, quiet: bool = False) -> dict:

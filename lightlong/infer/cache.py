@@ -114,7 +114,7 @@ class HybridCache:
         cls, model: HybridLM, batch_size: int = 1, capacity: int = 0, **kwargs: int
     ) -> HybridCache:
         """An empty cache for `model` on its device and in its dtype."""
-        weight = model.lm_head.weight
+        weight = model.model.embed_tokens.weight  # float whatever is quantized
         return cls(
             model.config, batch_size, device=weight.device, dtype=weight.dtype,
             capacity=capacity, **kwargs,

@@ -222,7 +222,11 @@ class HybridLM(nn.Module):
         if cache is not None:
             cache.advance(new)
         h = self.model.norm(x)
-        head = self.lm_head.weight
+        if not isinstance(self.lm_head, nn.Linear) and labels is None:  # an int8 head
+            return LMOutput(logits=self.lm_head(_keep(h, logits_to_keep)), aux_loss=aux)
+        head = self.lm_head.weight if isinstance(self.lm_head, nn.Linear) else (
+            self.lm_head.dequantize()
+        )  # fmt: skip
         if self.fp32_lm_head:
             h, head = h.float(), head.float()
 

@@ -21,6 +21,8 @@ from lightlong.model.checkpoint import (
 )
 from lightlong.model.config import PRESETS, HybridConfig
 from lightlong.model.hybrid import HybridLM
+from lightlong.nn.quant import QUANTIZATIONS
+from lightlong.nn.quant import quantize as quantize_model
 from lightlong.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 
@@ -64,14 +66,20 @@ def load_model(
     dtype: torch.dtype | None = None,
     device: str | torch.device = "cpu",
     seed: int = 0,
+    quantize: str = "none",
 ) -> HybridLM:
     """A checkpoint's model, or a preset or config .json file with seeded random weights (to
-    train, or to try things out and benchmark; it generates noise)."""
+    train, or to try things out and benchmark; it generates noise). quantize "int8": for
+    inference, in eval mode with int8 projections and experts (`lightlong.nn.quantize_int8`)."""
+    if quantize not in QUANTIZATIONS:  # before any weights are read
+        raise ValueError(f"quantize must be one of {list(QUANTIZATIONS)}, got {quantize!r}")
     found = resolve_model(ref)
     if isinstance(found, Path):
-        return HybridLM.from_pretrained(found, dtype=dtype, device=device)
-    torch.manual_seed(seed)
-    return HybridLM(found).to(device=device, dtype=dtype)
+        model = HybridLM.from_pretrained(found, dtype=dtype, device=device)
+    else:
+        torch.manual_seed(seed)
+        model = HybridLM(found).to(device=device, dtype=dtype)
+    return quantize_model(model.eval(), quantize) if quantize != "none" else model
 
 
 def load_model_tokenizer(ref: str | Path, tokenizer: str | Path | None = None) -> Tokenizer:

@@ -4,14 +4,17 @@ from .attention import LayerCache, LightningAttention, SequenceInfo, SoftmaxAtte
 from .layer import DecoderLayer
 from .moe import Expert, MoE
 from .norm import RMSNorm
+from .quant import Int8Linear, quantize_int8
 
 __all__ = [
     "DecoderLayer",
     "Expert",
+    "Int8Linear",
     "LayerCache",
     "LightningAttention",
     "MoE",
     "RMSNorm",
     "SequenceInfo",
     "SoftmaxAttention",
+    "quantize_int8",
 ]

@@ -32,6 +32,8 @@ class ServerConfig:
     """Weight and KV dtype."""
     device: str = "cpu"
     """torch device."""
+    quantize: str = "none"
+    """none, or int8: projections and experts as int8 weights (`lightlong.nn.quantize_int8`)."""
     threads: int = 0
     """torch CPU threads; 0 keeps torch's default."""
     seed: int = 0
@@ -68,6 +70,8 @@ class ServerConfig:
         for name in ("threads", "max_model_len", "prefix_cache_bytes", "port"):
             if getattr(self, name) < 0:
                 raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+        if self.quantize not in ("none", "int8"):
+            raise ValueError(f"quantize must be none or int8, got {self.quantize!r}")
         if self.port > 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
         if self.shutdown_grace_s < 0:

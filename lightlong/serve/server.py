@@ -22,6 +22,7 @@ from lightlong.model.source import (
     load_model,
     load_model_tokenizer,
 )
+from lightlong.nn import Int8Linear
 from lightlong.runtime import check_device, parse_dtype
 from lightlong.serve.app import AppConfig, build_app
 from lightlong.serve.chat import REASONING_PARSERS, ChatTemplate
@@ -66,7 +67,7 @@ def run_server(cfg: ServerConfig) -> None:
     tokenizer = load_model_tokenizer(cfg.model, cfg.tokenizer)
     chat_template = ChatTemplate.for_tokenizer(tokenizer, cfg.chat_template)
     stop_ids = eos_token_ids(generation_config(cfg.model))
-    model = load_model(cfg.model, dtype=dtype, device=device, seed=cfg.seed)
+    model = load_model(cfg.model, dtype=dtype, device=device, seed=cfg.seed, quantize=cfg.quantize)
     c = model.config
     max_model_len = cfg.max_model_len or c.max_position_embeddings
     if max_model_len > c.max_position_embeddings:
@@ -134,13 +135,18 @@ def _startup_lines(
 ) -> str:  # fmt: skip
     """The model, its memory plan and the settings, for the log."""
     c = model.config
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    tensors = (*model.parameters(), *model.buffers())  # int8 weights are buffers
+    weights = sum(t.numel() * t.element_size() for t in tensors)
+    params = sum(p.numel() for p in model.parameters()) + sum(
+        m.weight.numel() for m in model.modules() if isinstance(m, Int8Linear)
+    )
     per_row, per_token = HybridCache.row_bytes(c, parse_dtype(cfg.dtype))
     worst = cfg.max_num_seqs * (per_row + max_model_len * per_token)
     lines = [
         f"lightlong serve: model {cfg.model!r} served as {name!r}: {c.num_layers} layers "
         f"({', '.join(f'{n} {t}' for t, n in _counts(c.layer_types))}), "
-        f"{sum(p.numel() for p in model.parameters()) / 1e6:,.1f}M parameters, {cfg.dtype} "
+        f"{params / 1e6:,.1f}M parameters, {cfg.dtype}"
+        f"{' (projections and experts int8)' if cfg.quantize == 'int8' else ''} "
         f"on {cfg.device}; tokenizer {tokenizer!r}; chat template: {chat_template.source}",
         f"lightlong serve: memory: weights {nbytes(weights)}; per sequence {nbytes(per_row)} of "
         f"constant state + {nbytes(per_token)} of softmax KV per token; {cfg.max_num_seqs} "
