@@ -19,6 +19,7 @@ from lightlong.bench.report import check_overwrite, fit_power, target, write_res
 from lightlong.bench.roofline import (
     decode_bytes_per_token,
     forward_flops_per_token,
+    int8_bytes_per_token,
     matmul_params_per_token,
     train_flops_per_token,
     weight_bytes_per_token,
@@ -85,16 +86,17 @@ def test_matmul_params_and_weight_bytes_by_hand():
     assert matmul_params_per_token(c) == matmul == 304_128
     assert weight_bytes_per_token(c) == 4 * (matmul + NORMS)
     assert weight_bytes_per_token(c, "bfloat16") == 2 * (matmul + NORMS)
-    # int8: projections, experts and the (untied) LM head one byte a weight + one fp32
+    # int8: projections, experts and the (untied) LM head one byte a weight + one bf16
     # scale per output row; the router and norms stay fp32
     quantized = 3 * LIGHTNING + SOFTMAX + 4 * 2 * 3 * I * D + HEAD
     rows = 3 * (3 * H * E + H * E + D) + (H * E + 2 * G * E + D) + 4 * 2 * (I + D + I) + V
     kept = 4 * 4 * D + NORMS
-    assert weight_bytes_per_token(c, "float32", "int8") == quantized + 4 * rows + 4 * kept
+    assert weight_bytes_per_token(c, "float32", "int8") == quantized + 2 * rows + 4 * kept
+    assert int8_bytes_per_token(c) == quantized + 2 * rows
     # tied, the head is the embedding's and stays fp32
     tied = dataclasses.replace(c, tie_word_embeddings=True)
     assert weight_bytes_per_token(tied, "float32", "int8") == (
-        quantized - HEAD + 4 * (rows - V) + 4 * (kept + HEAD)
+        quantized - HEAD + 2 * (rows - V) + 4 * (kept + HEAD)
     )
 
 

@@ -436,3 +436,27 @@ def test_fp32_lm_head_computes_logits_and_loss_in_fp32():
 
 def rel(a: torch.Tensor, b: torch.Tensor) -> float:
     return float((a - b).norm() / b.norm())
+
+
+def test_autocast_forward_is_the_same_with_and_without_autograd():
+    """The residual stream stays fp32 under bf16 autocast whether or not autograd records
+    (the no-grad path adds in place: it must not round the stream to the mixer's bf16),
+    so evaluation under autocast computes what training does."""
+    torch.manual_seed(0)
+    model = HybridLM(HybridConfig.from_preset("tiny")).eval()
+    ids = torch.randint(0, 512, (2, 19))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        with_grad = model(ids).logits
+        with torch.no_grad():
+            without = model(ids).logits
+    assert with_grad.requires_grad and not without.requires_grad
+    assert torch.equal(with_grad.detach(), without)
+
+
+def test_decode_refuses_a_cache_of_the_wrong_state_dtype():
+    from lightlong.infer import HybridCache
+
+    model = HybridLM(HybridConfig.from_preset("tiny")).double().eval()
+    cache = HybridCache(model.config, 1)  # fp32 states by default: an fp64 model needs fp64
+    with torch.no_grad(), pytest.raises(ValueError, match=r"states must be torch\.float64"):
+        model(torch.tensor([[4]]), cache=cache)  # the first token: a decode step

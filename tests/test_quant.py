@@ -192,6 +192,32 @@ def test_a_head_tied_to_the_embedding_stays_float():
     assert model.lm_head.weight is model.model.embed_tokens.weight
 
 
+def test_a_head_sharing_the_embedding_storage_stays_float():
+    """load_state_dict(assign=True) leaves a tied head and the embedding two Parameters
+    over one storage: still tied, still float."""
+    cfg = dataclasses.replace(HybridConfig.from_preset("tiny"), tie_word_embeddings=True)
+    model = HybridLM(cfg.validate()).eval()
+    shared = nn.Parameter(model.model.embed_tokens.weight.detach().clone())
+    model.model.embed_tokens.weight = shared
+    model.lm_head.weight = nn.Parameter(shared.data)  # another Parameter, the same storage
+    assert model.lm_head.weight is not model.model.embed_tokens.weight
+    quantize_int8(model)
+    assert type(model.lm_head) is nn.Linear
+
+
+def test_an_int8_head_with_fp32_lm_head_gives_the_dense_logits():
+    torch.manual_seed(0)
+    model = HybridLM(HybridConfig.from_preset("tiny")).eval()
+    quantize_int8(model, skip=["*.self_attn.*", "*.experts.*"])
+    model.fp32_lm_head = True
+    ids = torch.randint(0, 512, (1, 5))  # <= 8 rows: the kernel's path without the flag
+    with torch.no_grad():
+        plain = model(ids).logits
+        dense = model(ids, labels=ids).logits
+    assert plain.dtype == torch.float32
+    assert torch.equal(plain, dense)
+
+
 def test_an_int8_head_gives_logits_and_a_loss_from_its_dequantized_weight():
     """The head's logits come from Int8Linear; with labels the loss uses q·s (the same
     matrix); the cache stays in the embedding's float dtype."""

@@ -49,7 +49,11 @@ from lightlong.bench.report import (
     targets_line,
     write_results,
 )
-from lightlong.bench.roofline import decode_bytes_per_token, forward_flops_per_token
+from lightlong.bench.roofline import (
+    decode_bytes_per_token,
+    forward_flops_per_token,
+    int8_bytes_per_token,
+)
 from lightlong.bench.worker import log, run_in_fresh_process
 from lightlong.model import HybridConfig, HybridLM
 from lightlong.units import length
@@ -88,8 +92,9 @@ class GenerateBenchConfig:
     """Precision table: the weights' and activations' dtypes measured (float32 first: the
     others' ratios are to it)."""
     int8: bool = True
-    """Precision table: also int8 weights (weight-only, per-channel scales, fp32
-    activations; `lightlong.nn.quant.quantize_int8`)."""
+    """Precision table: also int8 weights of an fp32 model (weight-only, per-channel
+    scales; decode rounds activations to bf16 for the int8 kernel;
+    `lightlong.nn.quant.quantize_int8`)."""
     precision_context: int = 4096
     """Prompt length of the precision table; 0 skips the table."""
     out_dir: str = "benchmarks/results"
@@ -240,12 +245,17 @@ def _variant(key: str) -> str:
 def _decode_bound(roofline: Roofline, variant: str, context: int, dtype: str = "float32",
                   quantize: str | None = None) -> dict:  # fmt: skip
     """Bytes a decoded token reads and the tok/s they bound it to: at matrix-vector GB/s of
-    the weights' dtype ("decode_bound_tok_s") and at copy GB/s ("decode_copy_bound_tok_s")."""
-    nbytes = decode_bytes_per_token(comparable_config(variant), context, dtype, quantize)
+    the weights' dtype ("decode_bound_tok_s"; int8: the int8 matrices at the int8 kernel's
+    rate, the rest (float weights, states, KV) at `dtype`'s) and at copy GB/s
+    ("decode_copy_bound_tok_s")."""
+    config = comparable_config(variant)
+    nbytes = decode_bytes_per_token(config, context, dtype, quantize)["total"]
+    narrow = int8_bytes_per_token(config, dtype) if quantize == "int8" else 0.0
+    seconds = narrow / roofline.matvec(dtype, quantize) + (nbytes - narrow) / roofline.matvec(dtype)
     return {
-        "bytes_per_token": nbytes["total"],
-        "decode_bound_tok_s": decode_bound_tok_s(nbytes["total"], roofline.matvec(dtype, quantize)),
-        "decode_copy_bound_tok_s": decode_bound_tok_s(nbytes["total"], roofline.copy_gbps),
+        "bytes_per_token": nbytes,
+        "decode_bound_tok_s": decode_bound_tok_s(nbytes, nbytes / seconds),
+        "decode_copy_bound_tok_s": decode_bound_tok_s(nbytes, roofline.copy_gbps),
     }
 
 

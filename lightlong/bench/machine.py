@@ -190,7 +190,6 @@ class Roofline:
         )
 
 
-@functools.cache
 def measure_roofline(
     device: str = "cpu",
     *,
@@ -200,8 +199,18 @@ def measure_roofline(
     budget_s: float = 0.2,
 ) -> Roofline:
     """Measures the roofline of `device` with the current torch threads (cached: once per
-    process and arguments). gemm_n 0: 2048 on the CPU (near peak on a few cores in a
-    fraction of a second), 8192 on CUDA. About one to three seconds on a 2-core CPU."""
+    process, arguments and thread count). gemm_n 0: 2048 on the CPU (near peak on a few
+    cores in a fraction of a second), 8192 on CUDA. About one to three seconds on a 2-core
+    CPU."""
+    return _measure_roofline(
+        device, gemm_n, matvec_bytes, copy_bytes, budget_s, torch.get_num_threads()
+    )
+
+
+@functools.cache
+def _measure_roofline(
+    device: str, gemm_n: int, matvec_bytes: int, copy_bytes: int, budget_s: float, threads: int
+) -> Roofline:
     n = gemm_n or (8192 if device.startswith("cuda") else 2048)
     gemm_dtypes = ["float32", "bfloat16"] + (["float16"] if device.startswith("cuda") else [])
     gemm = {d: matmul_gflops(n, getattr(torch, d), device, 3, budget_s) for d in gemm_dtypes}
@@ -215,7 +224,7 @@ def measure_roofline(
     copy = copy_gbps(copy_bytes, device, 3, budget_s)
     rates = [copy, *gemm.values(), *matvec.values()]
     assert all(math.isfinite(v) and v > 0 for v in rates), rates
-    return Roofline(copy, gemm, matvec, device=device, threads=torch.get_num_threads())
+    return Roofline(copy, gemm, matvec, device=device, threads=threads)
 
 
 def decode_bound_tok_s(bytes_per_token: float, gbps: float) -> float:

@@ -65,20 +65,33 @@ def weight_bytes_per_token(
 ) -> float:
     """Bytes of the weights one decoded token reads (k of N experts, the final norm, the LM
     head; not the embedding row). quantize "int8": projections, experts and an untied LM
-    head at one byte a weight plus one scale per output row in `dtype`; the router,
+    head at one byte a weight plus one scale per output row (bf16 for fp32 and bf16
+    models, as `Int8Linear` stores them; else `dtype`); the router,
     shared-expert gate, norms and a tied head stay in `dtype`."""
     if quantize not in (None, "int8"):
         raise ValueError(f"quantize must be None or 'int8', got {quantize!r}")
     width = getattr(torch, dtype).itemsize
+    scale = 2 if dtype in ("float32", "bfloat16") else width  # Int8Linear's bf16 scales
     total = 0.0
     for kind, m, share in _weights(config):
         if kind == "linear" and quantize == "int8":
             out_features, in_features = m.weight.shape
-            nbytes = out_features * in_features + out_features * width
+            nbytes = out_features * in_features + out_features * scale
         else:
             nbytes = sum(p.numel() for p in m.parameters(recurse=False)) * width
         total += share * nbytes
     return total
+
+
+def int8_bytes_per_token(config: HybridConfig, dtype: str = "float32") -> float:
+    """The part of `weight_bytes_per_token(config, dtype, "int8")` in int8 matrices (their
+    weights and scales): what the int8 kernel reads; the rest is read as `dtype`."""
+    scale = 2 if dtype in ("float32", "bfloat16") else getattr(torch, dtype).itemsize
+    return sum(
+        share * m.weight.shape[0] * (m.weight.shape[1] + scale)
+        for kind, m, share in _weights(config)
+        if kind == "linear"
+    )
 
 
 def decode_bytes_per_token(

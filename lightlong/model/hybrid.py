@@ -82,6 +82,9 @@ class HybridLM(nn.Module):
 
         compile_kwargs go to `torch.compile` (default dynamic=False: every decode step has
         the same shapes, apart from the softmax layers' KV, which is attended eagerly).
+        Each layer is its own graph per batch size: this raises dynamo's global recompile
+        limits to hold them (left raised), and a pool whose batch size keeps changing
+        compiles once per size.
         """
         moes = [layer.block_sparse_moe for layer in self.model.layers]
         if not enable:
@@ -222,7 +225,7 @@ class HybridLM(nn.Module):
         if cache is not None:
             cache.advance(new)
         h = self.model.norm(x)
-        if not isinstance(self.lm_head, nn.Linear) and labels is None:  # an int8 head
+        if not isinstance(self.lm_head, nn.Linear) and labels is None and not self.fp32_lm_head:
             return LMOutput(logits=self.lm_head(_keep(h, logits_to_keep)), aux_loss=aux)
         head = self.lm_head.weight if isinstance(self.lm_head, nn.Linear) else (
             self.lm_head.dequantize()

@@ -134,6 +134,11 @@ class LightningAttention(nn.Module):
             return lightning_attn_step(q, k, v, self.decay(q.device), state, scale=1.0)
         key = (state.device, state.dtype)
         if key not in self._lam_m1:
+            want = torch.float64 if q.dtype == torch.float64 else torch.float32
+            if state.dtype != want:  # checked once: the step itself does not look
+                raise ValueError(
+                    f"the cache's states must be {want} for {q.dtype}, got {state.dtype}"
+                )
             self._lam_m1[key] = torch.expm1(-self.decay(state.device).to(state.dtype))
         return decode_step_(q, k, v, self._lam_m1[key], state, 1.0)
 

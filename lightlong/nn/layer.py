@@ -89,8 +89,9 @@ class DecoderLayer(nn.Module):
 def _scaled_sum(r: Tensor, alpha: float, y: Tensor, beta: float) -> Tensor:
     """α·r + β·y, the scaled residual, rounded as the released code rounds it (α·r and β·y
     each, then their sum). Without autograd, y (the layer's own new tensor) takes the
-    result in place and a factor of 1 costs no kernel."""
-    if y.requires_grad:
+    result in place and a factor of 1 costs no kernel, unless the sum is wider than y
+    (a bf16 y under autocast beside an fp32 stream)."""
+    if y.requires_grad or y.dtype != torch.result_type(r, y):
         return r * alpha + y * beta
     if beta != 1.0:
         y.mul_(beta)

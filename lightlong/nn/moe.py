@@ -93,7 +93,8 @@ class MoE(nn.Module):
         """Σ_i weights_k[i] · expert_{experts_k[i]}(x_1D) for one token x_1D [1, D] -> [1, D],
         accumulated in place (each expert itself may be compiled)."""
         y_1D = None
-        experts = self.experts if self.decode_experts is None else self.decode_experts
+        compiled = self.decode_experts is not None and not torch.is_grad_enabled()
+        experts = self.decode_experts if compiled else self.experts
         for w, e in zip(weights_k, experts_k.tolist(), strict=True):
             out = experts[e](x_1D).mul_(w)
             y_1D = out if y_1D is None else y_1D.add_(out)

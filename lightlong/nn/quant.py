@@ -288,7 +288,11 @@ def _quantizable(owner: nn.Module, name: str, child: nn.Linear) -> bool:
     there, docs/quantization.md, and it is a sixth of a small model's decode bytes)."""
     if isinstance(owner, QUANTIZED_OWNERS):
         return True
-    tied = any(child.weight is m.weight for m in owner.modules() if isinstance(m, nn.Embedding))
+    tied = any(  # shared storage, not only the same Parameter (load_state_dict(assign=True))
+        child.weight.data_ptr() == m.weight.data_ptr()
+        for m in owner.modules()
+        if isinstance(m, nn.Embedding)
+    )
     return name == "lm_head" and not tied
 
 
