@@ -275,7 +275,7 @@ def test_chunk_matches_naive_across_groups(G, monkeypatch):
     so shrink the group budget to exercise the state hand-off between groups, forward and
     backward, with packed sequences whose boundaries fall inside blocks and groups."""
     H, K, V, C = 2, 5, 6, 4
-    monkeypatch.setattr(api_module, "_GROUP_BYTES", G * 4 * H * (2 * K + V) * C)
+    monkeypatch.setattr(api_module, "group_blocks", lambda *shape: G)
     plans = []
     make_plan = api_module.make_plan
     monkeypatch.setattr(
@@ -289,6 +289,7 @@ def test_chunk_matches_naive_across_groups(G, monkeypatch):
     out = fwd_bwd(call(lightning_attn, decay, block_size=C, **kw), q, k, v, s)
     ref = fwd_bwd(call(lightning_attn_naive, decay, **kw), *upcast(q, k, v, s))
     assert len(plans[-1].groups) > 1, "the group budget did not split the blocks into groups"
+    assert max(g.m1 - g.m0 for g in plans[-1].groups) == G
     assert_all_close(out, ref, TOL64, f"G={G}")
 
 
@@ -300,13 +301,23 @@ DEFAULT_GROUP_LENGTHS = [
 ]
 
 
+@pytest.fixture
+def one_thread():
+    """torch at one thread for the test (the group budget is per thread), restored after."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.mark.parametrize("lengths", DEFAULT_GROUP_LENGTHS)
-def test_chunk_matches_naive_across_default_groups(lengths):
-    """The group budget as shipped (nothing patched): wide heads make a group short (3
-    blocks of 64 here), so 813 tokens (12 blocks and a 45-token tail) take five groups;
+def test_chunk_matches_naive_across_default_groups(lengths, one_thread):
+    """The group budget as shipped (nothing patched, one thread): these heads make a group
+    3 blocks of 64, so 813 tokens (12 blocks and a 45-token tail) take five groups;
     o, final states and every gradient against the float64 naive reference."""
-    H, K, V, C = 8, 512, 8, api_module.DEFAULT_BLOCK_SIZE
-    group_tokens = max(1, api_module._GROUP_BYTES // (4 * H * (2 * K + V) * C)) * C
+    H, K, V, C = 8, 64, 32, api_module.DEFAULT_BLOCK_SIZE
+    group_tokens = api_module.group_blocks(H, K, V, C) * C
+    assert group_tokens == 3 * C, group_tokens
     T = sum(lengths)
     assert T % C and math.ceil(T / group_tokens) >= 4, (T, group_tokens)  # tail; 4+ groups
     cu = torch.tensor([0, *itertools.accumulate(lengths)])

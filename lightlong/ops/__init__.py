@@ -8,6 +8,8 @@ from .lightning import (
     lightning_attn_naive,
     lightning_attn_recurrent,
     lightning_attn_step,
+    release_workspace,
+    workspace_bytes,
 )
 from .local import (
     block_attention,
@@ -38,6 +40,8 @@ __all__ = [
     "local_attention_cached",
     "norm_linear_attn",
     "norm_linear_attn_naive",
+    "release_workspace",
     "window_attention",
     "window_attention_naive",
+    "workspace_bytes",
 ]

@@ -5,7 +5,7 @@
 `lightning_attn_step` decodes) are its references.
 """
 
-from .api import lightning_attn
+from .api import lightning_attn, release_workspace, workspace_bytes
 from .decay import alibi_slopes, decay_rates
 from .naive import lightning_attn_naive
 from .recurrent import lightning_attn_recurrent, lightning_attn_step
@@ -17,4 +17,6 @@ __all__ = [
     "lightning_attn_naive",
     "lightning_attn_recurrent",
     "lightning_attn_step",
+    "release_workspace",
+    "workspace_bytes",
 ]

@@ -11,20 +11,31 @@ import torch
 from torch import Tensor
 
 from ._inputs import TRITON_BLOCK_SIZES, check_inputs, resolve_backend
-from .chunk import LightningChunkFn, make_plan
+from .chunk import LightningChunkFn, make_plan, release_workspace, workspace_bytes
 
 logger = logging.getLogger(__name__)
 
-# Bytes of q, k, v per group of blocks processed together: small enough that a group's
-# working set stays in the CPU's caches (measured: 8 MiB is ~1.4x faster than 32 MiB at
-# H=8, K=V=128 on a 2-core Xeon), large enough that Python overhead per group is noise.
-_GROUP_BYTES = 8 * 2**20
+__all__ = ["DEFAULT_BLOCK_SIZE", "lightning_attn", "release_workspace", "workspace_bytes"]
+
+# Bytes of q, k, v (as float32) per group of blocks per torch thread. A group's working set
+# is ~3.5x this (q, k, [P | q ⊙ a], [v ; S], the state contributions, o) and must stay in
+# the caches, while each group costs ~15 op calls (~40 us of Python and dispatch). At H=8,
+# K=V=128, C=64 (768 KiB per block; 2-core EPYC): 1 thread, 1 block per group ran 1.1x
+# faster than 2 and 1.3x faster than 4; 2 threads, 2 blocks ran ~1.1x faster than 1.
+_GROUP_BYTES = 2**20
+
+
+def group_blocks(H: int, K: int, V: int, C: int) -> int:
+    """Blocks per group: _GROUP_BYTES of float32 q, k, v per torch thread, at least one."""
+    return max(1, _GROUP_BYTES * torch.get_num_threads() // (4 * H * (2 * K + V) * C))
 
 
 # Block size C when the caller passes None. Measured at T=64K, H=8, K=V=128, fp32 on a
 # 2-core Xeon (tok/s forward / forward+backward): C=32 160K/43K, C=64 173K/51K,
-# C=128 154K/46K, C=256 121K/36K. Smaller blocks waste less of the masked intra-block
-# product, larger ones make bigger matmuls; 64 balances the two.
+# C=128 154K/46K, C=256 121K/36K; again with the fused output matmul at T=16K on a 2-core
+# EPYC (forward tok/s, 1 thread): C=32 85K, C=64 86K, C=128 64K; bf16 C=64 109K, C=128 97K.
+# Smaller blocks waste less of the masked intra-block product, larger ones make bigger
+# matmuls; 64 balances the two.
 DEFAULT_BLOCK_SIZE = 64
 
 
@@ -61,6 +72,12 @@ def lightning_attn(
     Returns:
         o [B, T, H, V] in q's dtype; final_state [N, H, K, V] float32 (float64 for float64
         inputs) or None. N is B, or the number of packed sequences. Accumulation is float32.
+
+    On the torch path, bfloat16 inputs run the block matmuls of the output in bfloat16
+    (float32 accumulation; states, decay factors and the state matmuls in float32). The
+    torch path keeps its block buffers between calls, and on the CPU reuses the memory of
+    a large output the caller has dropped, so repeated calls do not allocate afresh
+    (bounded; `release_workspace()` frees it, `workspace_bytes()` tells how much is kept).
     """
     args = check_inputs(q, k, v, decay, scale, initial_state, cu_seqlens)
     chosen = resolve_backend(backend, q, "lightning_attn")
@@ -89,8 +106,10 @@ def lightning_attn(
             q, k, v, decay, args.scale, args.offsets, initial_state, output_final_state, block_size
         )
 
-    group = max(1, _GROUP_BYTES // (4 * H * (2 * K + V) * block_size))
-    plan = make_plan(args.offsets, decay, args.scale, block_size, group, args.state_dtype)
+    group = group_blocks(H, K, V, block_size)
+    # bf16 inputs: the output matmuls in bf16 (float32 accumulation); the states stay float32
+    mm_dtype = torch.bfloat16 if q.dtype == torch.bfloat16 else args.state_dtype
+    plan = make_plan(args.offsets, decay, args.scale, block_size, group, args.state_dtype, mm_dtype)
     inputs = (q, k, v, initial_state)
     o, final = LightningChunkFn.apply(
         q.reshape(B * T, H, K),
