@@ -10,6 +10,7 @@ from conftest import lightlong_cli
 
 from lightlong.bench import attention as bench
 from lightlong.bench.attention import AttentionBenchConfig, lightning_flops, run_attention_bench
+from lightlong.bench.report import fit_power
 from lightlong.cli import build_parser
 from lightlong.config import config_from_args, field_docs
 
@@ -21,7 +22,7 @@ def test_lightning_flops_counts_intra_and_inter_terms():
 
 def test_power_fit_recovers_exponent():
     xs = [1024.0, 2048.0, 4096.0]
-    c, p = bench._fit_power(xs, [3e-9 * x**2 for x in xs])
+    c, p = fit_power([(x, 3e-9 * x**2) for x in xs])
     assert p == pytest.approx(2.0, abs=1e-9)
     assert c == pytest.approx(3e-9, rel=1e-6)
 

@@ -13,7 +13,6 @@ and torch backends, flash-linear-attention and FlashAttention, and times decode 
 from __future__ import annotations
 
 import json
-import math
 import subprocess
 import sys
 import time
@@ -33,6 +32,7 @@ from lightlong.bench.machine import (
 from lightlong.bench.report import (
     check_overwrite,
     failed_line,
+    fit_power,
     fmt,
     ratio,
     target,
@@ -187,15 +187,6 @@ def lightning_flops(T: int, B: int, H: int, K: int, V: int, C: int) -> float:
     per token and head; elementwise work is not counted.
     """
     return B * T * H * (2 * C * (K + V) + 4 * K * V)
-
-
-def _fit_power(xs: list[float], ys: list[float]) -> tuple[float, float]:
-    """Least-squares fit of y = c · x^p in log-log space; returns (c, p)."""
-    lx, ly = [math.log(x) for x in xs], [math.log(y) for y in ys]
-    mx, my = sum(lx) / len(lx), sum(ly) / len(ly)
-    sxx = sum((a - mx) ** 2 for a in lx)
-    p = sum((a - mx) * (b - my) for a, b in zip(lx, ly, strict=True)) / sxx if sxx else 1.0
-    return math.exp(my - p * mx), p
 
 
 def results_stem(cfg: AttentionBenchConfig) -> Path:
@@ -422,9 +413,9 @@ def _summarise(
     sdpa_pts = [(e["T"], e["sdpa_fwd_s"]) for e in table if "sdpa_fwd_s" in e][-3:]
     lit_pts = [(e["T"], e["fwd_s"]) for e in table if "fwd_s" in e][-3:]
     extrapolated = None
-    if len(sdpa_pts) >= 2 and len(lit_pts) >= 2:
-        c_s, p_s = _fit_power(*zip(*sdpa_pts, strict=True))
-        c_l, p_l = _fit_power(*zip(*lit_pts, strict=True))
+    if len(sdpa_pts) >= 3 and len(lit_pts) >= 3:  # a power law from two noisy points is not one
+        c_s, p_s = fit_power(sdpa_pts)
+        c_l, p_l = fit_power(lit_pts)
         T1M = 2**20
         lit_1m = at(T1M, "fwd_s") or c_l * T1M**p_l
         extrapolated = {
@@ -578,7 +569,7 @@ def format_table(report: dict) -> str:
 def plot_attention(report: dict, path: Path) -> None:
     """Log-log time vs length: lightning (float32, bfloat16) and SDPA, forward and
     forward+backward."""
-    from lightlong.plot import pyplot, save, tidy
+    from lightlong.plot import predicted, pyplot, save, tidy
 
     rows = report["rows"]
     fig, ax = pyplot().subplots(figsize=(7, 4.5))
@@ -596,15 +587,8 @@ def plot_attention(report: dict, path: Path) -> None:
         if pts:
             ax.plot(*zip(*pts, strict=True), dash, marker=marker, color=color, label=label)
     ex = report["extrapolated_1M"]
-    if ex:
-        last = [(r["T"], r["sdpa_fwd_s"]) for r in rows if "sdpa_fwd_s" in r][-1]
-        ax.plot(
-            [last[0], ex["T"]],
-            [last[1], ex["sdpa_fwd_s"]],
-            ":",
-            color="C3",
-            label="softmax SDPA forward (extrapolated)",
-        )
+    if ex:  # one predicted point, no line drawn to it
+        predicted(ax, ex["T"], ex["sdpa_fwd_s"], "C3", "softmax SDPA forward at 1M")
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")
     ax.set_xlabel("sequence length T (tokens)")

@@ -26,7 +26,14 @@ import torch
 
 from lightlong.bench.attention import AttentionBenchConfig, check_against_reference, lightning_flops
 from lightlong.bench.machine import copy_gbps, describe_machine, matmul_gflops, slug
-from lightlong.bench.report import fmt, ratio, target, targets_line, write_results
+from lightlong.bench.report import (
+    check_overwrite,
+    fmt,
+    ratio,
+    target,
+    targets_line,
+    write_results,
+)
 from lightlong.bench.worker import log, run_in_fresh_process
 from lightlong.ops import decay_rates, lightning_attn, lightning_attn_step
 from lightlong.ops.lightning.api import DEFAULT_BLOCK_SIZE
@@ -325,6 +332,8 @@ def run_attention_bench_cuda(cfg: AttentionBenchConfig) -> dict:
         raise SystemExit(f"decode check failed vs the torch step: {errors['decode']}")
     machine = describe_machine(cfg.device)
     machine.setdefault("gpu", machine["cpu"])
+    stem = Path(cfg.out_dir) / f"attention-{cfg.device.split(':')[0]}-{slug(machine['gpu'])}"
+    check_overwrite(stem, cfg.overwrite)  # before measuring
     gpu = cfg.device.startswith("cuda")  # else the interpreter test: small sizes
     tflops = matmul_gflops(8192 if gpu else 512, torch.bfloat16, cfg.device, reps=20) / 1e3
     gbps = copy_gbps(2**31 if gpu else 2**24, cfg.device, reps=20)
@@ -334,6 +343,5 @@ def run_attention_bench_cuda(cfg: AttentionBenchConfig) -> dict:
     decode = _time_decode(cfg)
     report = _summarise(cfg, block, rows, decode, machine)
     print(format_table(report))
-    stem = Path(cfg.out_dir) / f"attention-{cfg.device.split(':')[0]}-{slug(machine['gpu'])}"
-    write_results(stem, report, format_table(report), plot)
+    write_results(stem, report, format_table(report), plot, overwrite=cfg.overwrite)
     return report
