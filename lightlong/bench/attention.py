@@ -13,7 +13,6 @@ and torch backends, flash-linear-attention and FlashAttention, and times decode 
 from __future__ import annotations
 
 import json
-import subprocess
 import sys
 import time
 from collections.abc import Callable
@@ -238,21 +237,10 @@ def measure_plain_process(spec: dict) -> dict:
 def run_plain_process(spec: dict, timeout_s: float, failed: list[dict]) -> dict | None:
     """`measure_plain_process(spec)` in a new interpreter that sets nothing up first; None
     (and an entry in failed) if it fails."""
-    cmd = [sys.executable, "-m", "lightlong.bench.attention", json.dumps(spec)]
-    what = f"lightning plain process T={spec['lengths']}"
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
-        error = f"timed out after {timeout_s:.0f}s"
-    else:
-        if proc.returncode == 0:
-            return json.loads(proc.stdout.strip().splitlines()[-1])
-        lines = proc.stderr.strip().splitlines()
-        error = lines[-1] if lines else f"exit code {proc.returncode}"
-        log(proc.stderr[-2000:])
-    log(f"  {what}: failed: {error}")
-    failed.append({"what": what, "error": error})
-    return None
+    return run_in_fresh_process(
+        spec, timeout_s, failed, module="lightlong.bench.attention",
+        what=f"lightning plain process T={spec['lengths']}",
+    )  # fmt: skip
 
 
 def run_attention_bench(cfg: AttentionBenchConfig) -> dict:

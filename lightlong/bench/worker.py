@@ -37,12 +37,18 @@ def describe_spec(spec: dict) -> str:
 
 
 def run_in_fresh_process(
-    spec: dict, timeout_s: float, failed: list[dict] | None = None
+    spec: dict,
+    timeout_s: float,
+    failed: list[dict] | None = None,
+    *,
+    module: str = "lightlong.bench.worker",
+    what: str | None = None,
 ) -> dict | None:
-    """Runs one measurement in a new interpreter; None (and a line on stderr) if it fails,
-    also appended to `failed` as {"what", "error"} (the error's last line)."""
-    cmd = [sys.executable, "-m", "lightlong.bench.worker", json.dumps(spec)]
-    what = describe_spec(spec)
+    """Runs one measurement in a new interpreter (`python -m module SPEC_JSON`, whose last
+    stdout line is the result's JSON); None (and a line on stderr) if it fails, also
+    appended to `failed` as {"what", "error"} (the error's last line)."""
+    cmd = [sys.executable, "-m", module, json.dumps(spec)]
+    what = what or describe_spec(spec)
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired:
