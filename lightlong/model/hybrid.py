@@ -71,6 +71,8 @@ class HybridLM(nn.Module):
         hidden states: MiniMax-M1 found bf16 logits skew token probabilities enough to break
         RL; costs one fp32 copy of the head per call."""
         self._decode_layers: list[nn.Module] | None = None  # `compile_decode`
+        self._rotates = any(t not in LINEAR_TYPES for t in config.layer_types)
+        """Some layer applies RoPE: the forward builds the rotary tables."""
 
     def compile_decode(self, enable: bool = True, **compile_kwargs) -> HybridLM:
         """Runs decode steps (one token per row, with a cache, no autograd) through
@@ -202,10 +204,10 @@ class HybridLM(nn.Module):
             positions = torch.arange(T, device=x.device) + (
                 start if isinstance(start, int) else start[:, None]
             )
-        if all(t in LINEAR_TYPES for t in c.layer_types):  # no layer rotates: no tables
-            rope = (x.new_empty(0), x.new_empty(0))
-        else:
+        if self._rotates:
             rope = rotary_cos_sin(positions, c.rotary_dim, c.rope_theta, x.dtype)
+        else:  # no layer rotates: no tables
+            rope = (x.new_empty(0), x.new_empty(0))
         seq = SequenceInfo(cu_seqlens, rope, positions, cache, split)
         no_aux = cache is not None and split is None  # every rank of a split row joins it
         aux = None if no_aux else x.new_zeros((), dtype=torch.float32)
