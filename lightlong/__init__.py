@@ -1,5 +1,5 @@
 """lightlong: MiniMax-01-style long-context language models (lightning attention, hybrid MoE)."""
 
-from lightlong.model import HybridConfig, HybridLM
+from lightlong.model import HybridConfig, HybridLM, HybridVLM, VLConfig
 
-__all__ = ["HybridConfig", "HybridLM"]
+__all__ = ["HybridConfig", "HybridLM", "HybridVLM", "VLConfig"]

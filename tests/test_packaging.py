@@ -27,7 +27,7 @@ except ModuleNotFoundError:  # Python 3.10
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGE = ROOT / "lightlong"
 
-DISTRIBUTION = {"yaml": "PyYAML", "fla": "flash-linear-attention"}
+DISTRIBUTION = {"yaml": "PyYAML", "fla": "flash-linear-attention", "PIL": "Pillow"}
 """Import name -> distribution name, where the two differ."""
 
 OPTIONAL = {

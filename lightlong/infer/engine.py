@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 
 import torch
+from PIL.Image import Image as PILImage
 from torch import Tensor
 
 from lightlong.infer.cache import HybridCache
@@ -31,10 +32,14 @@ from lightlong.infer.runner import (
     check_tokenizer,
 )
 from lightlong.infer.sampling import SamplingParams
-from lightlong.model import HybridLM
+from lightlong.model import HybridLM, HybridVLM
+from lightlong.model.image import ImageProcessor, ProcessedImage, encode_with_images
+from lightlong.model.vision import text_model
 from lightlong.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
+Image = ProcessedImage | PILImage
+"""An image for a `HybridVLM`: a Pillow image, or one the model's processor has prepared."""
 
 
 @dataclass
@@ -48,23 +53,27 @@ class Generation:
 
 
 class Engine:
-    """Generation with a `HybridLM`.
+    """Generation with a `HybridLM`, or a `HybridVLM` with images.
 
     Args:
         model: the model (put in eval mode by the engine).
         tokenizer: turns text prompts into ids and ids into text; needed for text prompts,
-            stop strings and text output.
+            stop strings and text output. With a `HybridVLM`, "<image>" in a text prompt is
+            its image token.
         prefill_chunk: tokens per prefill forward pass.
         prefix_cache_bytes: budget for prefix snapshots; 0 turns prefix reuse off.
+        image_processor: prepares Pillow images for a `HybridVLM` (default: its config's,
+            `ImageProcessor.for_config`).
     """
 
     def __init__(
         self,
-        model: HybridLM,
+        model: HybridLM | HybridVLM,
         tokenizer: Tokenizer | None = None,
         *,
         prefill_chunk: int = 4096,
         prefix_cache_bytes: int = 0,
+        image_processor: ImageProcessor | None = None,
     ):
         if prefill_chunk < 1:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
@@ -75,6 +84,9 @@ class Engine:
             PrefixCache(prefill_chunk, prefix_cache_bytes) if prefix_cache_bytes else None
         )
         self.stats = GenerationStats()
+        self.image_processor = image_processor
+        if isinstance(model, HybridVLM) and image_processor is None:
+            self.image_processor = ImageProcessor.for_config(model.config)
 
     # -- prefill ---------------------------------------------------------------------------
 
@@ -97,7 +109,11 @@ class Engine:
             first = False
 
     def prefill(
-        self, prompt: Sequence[int], *, progress: Callable[[int], None] | None = None
+        self,
+        prompt: Sequence[int],
+        *,
+        images: Sequence[Image] = (),
+        progress: Callable[[int], None] | None = None,
     ) -> tuple[HybridCache, Tensor]:
         """Runs one prompt into a fresh single-row cache, chunk by chunk.
 
@@ -105,14 +121,17 @@ class Engine:
         longest stored prefix and stores a snapshot at the last chunk boundary.
 
         Args:
-            prompt: token ids (at least one).
+            prompt: token ids (at least one); one image token per image.
+            images: the prompt's images, in order (`HybridVLM`).
             progress: called with the number of tokens each chunk adds.
 
         Returns:
-            the cache after the prompt, and fp32 logits [1, V] for the next token.
+            the cache after the prompt (its `<image>` tokens expanded), and fp32 logits
+            [1, V] for the next token.
         """
         runner = self._runner(1)
-        seq = runner.new_seq(prompt, SamplingParams(max_new_tokens=1), seed=0)
+        params = SamplingParams(max_new_tokens=1)
+        seq = runner.new_seq(prompt, params, seed=0, images=self._processed(images))
         self._prefill(runner, seq, progress)
         return seq.cache, seq.logits
 
@@ -125,14 +144,17 @@ class Engine:
         *,
         progress: Callable[[int], None] | None = None,
         prefilled: Sequence[Prefilled | None] | None = None,
+        images: Sequence[Sequence[Image]] | None = None,
     ) -> list[Generation]:
         """Generates for one prompt or a batch; returns one `Generation` per prompt.
 
         prefilled: per prompt, its (cache, logits) from `prefill` or
-        `lightlong.infer.prefill_split` (the prompt is not run again), or None."""
-        batch = self._as_batch(prompts)
-        results = [Generation(prompt_tokens=len(p)) for p in batch]
-        for ev in self.stream(batch, params, progress=progress, prefilled=prefilled):
+        `lightlong.infer.prefill_split` (the prompt is not run again), or None.
+        images: per prompt, its images in the order of its image tokens (`HybridVLM`; one
+        `<image>` token per image, which the engine expands to the image's features)."""
+        seqs, events = self._start(prompts, params, progress, prefilled, images)
+        results = [Generation(prompt_tokens=len(s.prompt)) for s in seqs]
+        for ev in events:
             r = results[ev.row]
             r.token_ids.append(ev.token_id)
             r.text += ev.text
@@ -146,25 +168,49 @@ class Engine:
         *,
         progress: Callable[[int], None] | None = None,
         prefilled: Sequence[Prefilled | None] | None = None,
+        images: Sequence[Sequence[Image]] | None = None,
     ) -> Iterator[StreamEvent]:
         """Like `generate`, yielding each token as it is sampled (rows interleaved).
         Arguments are checked here, before the first token is asked for."""
+        return self._start(prompts, params, progress, prefilled, images)[1]
+
+    def _start(
+        self,
+        prompts: Prompt | Sequence[Prompt],
+        params: SamplingParams | None,
+        progress: Callable[[int], None] | None,
+        prefilled: Sequence[Prefilled | None] | None,
+        images: Sequence[Sequence[Image]] | None,
+    ) -> tuple[list[Seq], Iterator[StreamEvent]]:
+        """The checked sequences of a request (prompts expanded) and its event stream."""
         batch, params = self._as_batch(prompts), params or SamplingParams()
-        params.validate(self.model.config.vocab_size)  # before sizing the cache by it
+        params.validate(text_model(self.model).config.vocab_size)  # before sizing the cache
         prefilled = [None] * len(batch) if prefilled is None else list(prefilled)
         if len(prefilled) != len(batch):
             raise ValueError(
                 f"prefilled must have one entry per prompt ({len(batch)}), got {len(prefilled)}"
             )
-        longest = max(len(p) for p in batch)
-        runner = self._runner(len(batch), capacity=longest + params.max_new_tokens)
+        images = [()] * len(batch) if images is None else list(images)
+        if len(images) != len(batch):
+            raise ValueError(
+                f"images must have one list per prompt ({len(batch)}), got {len(images)}"
+            )
+        runner = self._runner(len(batch))
         # one seed for every row: a row gives the same tokens alone or in a batch
         seed = params.seed if params.seed is not None else secrets.randbits(63)
         seqs = [
-            runner.new_seq(p, params, seed=seed, index=b, prefilled=pre)
-            for b, (p, pre) in enumerate(zip(batch, prefilled, strict=True))
+            runner.new_seq(
+                p,
+                params,
+                seed=seed,
+                index=b,
+                prefilled=pre,
+                images=self._processed(ims, f"images[{b}]"),
+            )
+            for b, (p, pre, ims) in enumerate(zip(batch, prefilled, images, strict=True))
         ]
-        return self._run(runner, seqs, progress)
+        runner.cache.reserve(max(len(s.prompt) for s in seqs) + params.max_new_tokens)
+        return seqs, self._run(runner, seqs, progress)
 
     @torch.no_grad()
     def _run(
@@ -197,6 +243,25 @@ class Engine:
             if isinstance(p, str):
                 if self.tokenizer is None:
                     raise ValueError("text prompts need a tokenizer; pass token ids or one")
-                p = self.tokenizer.encode(p)
-            batch.append(check_prompt(p, self.model.config.vocab_size, f"prompts[{i}]"))
+                if isinstance(self.model, HybridVLM):
+                    p = encode_with_images(self.tokenizer, p, self.model.config.image_token_id)
+                else:
+                    p = self.tokenizer.encode(p)
+            V = text_model(self.model).config.vocab_size
+            batch.append(check_prompt(p, V, f"prompts[{i}]"))
         return batch
+
+    def _processed(self, images: Sequence[Image], name: str = "images") -> list[ProcessedImage]:
+        """Images prepared by the model's processor (Pillow images are processed here)."""
+        if images and self.image_processor is None:
+            raise ValueError(f"{name}: this model takes no images (not a vision-language model)")
+        out = []
+        for j, im in enumerate(images):
+            if isinstance(im, PILImage):
+                im = self.image_processor(im)
+            elif not isinstance(im, ProcessedImage):
+                raise ValueError(
+                    f"{name}[{j}] must be a PIL image or a ProcessedImage, got {type(im).__name__}"
+                )
+            out.append(im)
+        return out

@@ -25,7 +25,9 @@ from torch import Tensor
 from lightlong.infer.cache import HybridCache
 from lightlong.infer.prefix import PrefixCache
 from lightlong.infer.sampling import SamplingParams, process_logits, sample, token_logprobs
-from lightlong.model import HybridLM
+from lightlong.model import HybridLM, HybridVLM
+from lightlong.model.image import ProcessedImage, expand_image_tokens
+from lightlong.model.vision import text_model
 from lightlong.tokenizer import IncrementalDecoder, Tokenizer
 
 Prefilled = tuple[HybridCache, Tensor]
@@ -95,7 +97,17 @@ class Seq:
         """With `params.prompt_logprobs`: (log p, alternatives) of prompt tokens 1, 2, …"""
         self.cache: HybridCache | None = None  # the prefill's single-row cache
         self.logits: Tensor | None = None  # fp32 [1, V] for the first token, once prefilled
+        self.images: list[ProcessedImage] = []
+        """The prompt's images, in the order of their `<image>` runs."""
+        self.image_starts: list[int] = []
+        """Where each image's run of `<image>` tokens starts in the prompt."""
+        self.image_features: Tensor | None = None  # [M, D] for the M <image> tokens, in prefill
         self._out = _Output(index, tokenizer, params.stop)
+
+    @property
+    def image_marks(self) -> list[tuple[int, bytes]]:
+        """(start, content digest) per image: what prefix-cache keys hash besides tokens."""
+        return [(a, im.digest) for a, im in zip(self.image_starts, self.images, strict=True)]
 
     @property
     def ready(self) -> bool:
@@ -138,14 +150,18 @@ class Runner:
             )
         check_tokenizer(model, tokenizer)
         self.model, self.tokenizer = model.eval(), tokenizer
+        self.lm = text_model(model)
+        """The text model (the model itself, or a vision-language model's)."""
         self.prefill_chunk, self.prefix_cache = prefill_chunk, prefix_cache
         eos = None if tokenizer is None else tokenizer.eos_token_id
         self.eos_ids = set(stop_token_ids) | ({eos} if eos is not None else set())
-        self.cache = HybridCache.for_model(model, 0, capacity, max_batch_size=max_num_seqs)
+        self.cache = HybridCache.for_model(self.lm, 0, capacity, max_batch_size=max_num_seqs)
         self.running: list[Seq] = []  # in the cache's row order
         self.stats = GenerationStats()
-        V = model.config.vocab_size
-        self._device = model.lm_head.weight.device
+        V = self.lm.config.vocab_size
+        self._device = self.lm.model.embed_tokens.weight.device
+        # A vision-language model's <image> token stands for features: never sampled.
+        self._image_token = model.config.image_token_id if isinstance(model, HybridVLM) else None
         self._logits_BV = torch.zeros(max_num_seqs, V, device=self._device)
         # Tokens seen per row (repetition penalty) and generated per row (presence and
         # frequency penalties): allocated when a row first needs them.
@@ -162,13 +178,27 @@ class Runner:
     # -- sequences -------------------------------------------------------------------------
 
     def check(
-        self, prompt: Sequence[int], params: SamplingParams, name: str = "prompt"
+        self,
+        prompt: Sequence[int],
+        params: SamplingParams,
+        name: str = "prompt",
+        images: Sequence[ProcessedImage] = (),
     ) -> list[int]:
-        """Validates a prompt and its parameters (ValueError naming the problem); returns
-        the prompt as a list of ints."""
-        c = self.model.config
+        """Validates a prompt, its images and its parameters (ValueError naming the problem);
+        returns the prompt as a list of ints, each image's `<image>` token expanded to its
+        run of feature positions (`HybridVLM`: one `<image>` token per image is given)."""
+        c = self.lm.config
         params.validate(c.vocab_size)
         ids = check_prompt(prompt, c.vocab_size, name)
+        if self._image_token is None:
+            if images:
+                raise ValueError(f"{name}: this model takes no images (not vision-language)")
+        else:
+            counts = [self._image_tokens(im) for im in images]
+            try:
+                ids = expand_image_tokens(ids, self._image_token, counts)
+            except ValueError as e:
+                raise ValueError(f"{name}: {e}") from None
         if len(ids) + params.max_new_tokens > c.max_position_embeddings:
             raise ValueError(
                 f"{name} ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
@@ -178,6 +208,9 @@ class Runner:
             raise ValueError("stop strings need a tokenizer")
         return ids
 
+    def _image_tokens(self, image: ProcessedImage) -> int:
+        return self.model.config.num_image_tokens(image.image_size)
+
     def new_seq(
         self,
         prompt: Sequence[int],
@@ -186,18 +219,29 @@ class Runner:
         seed: int,
         index: int = 0,
         prefilled: Prefilled | None = None,
+        images: Sequence[ProcessedImage] = (),
     ) -> Seq:
         """A sequence to prefill and admit; `seed` seeds its sampler (the same seed gives
         the same tokens whatever else runs beside it). With `prefilled`, the prompt was run
         elsewhere (`Engine.prefill`, `lightlong.infer.prefill_split`): a single-row cache
         holding its tokens and the logits [1, V] for the next token; the sequence is ready
-        to admit."""
-        ids = self.check(prompt, params)
+        to admit. `images` (a `HybridVLM`): one per `<image>` token of the prompt, in order
+        (`lightlong.model.image.ImageProcessor`); their features enter in the prefill."""
+        if images and prefilled is not None:
+            raise ValueError("a prefilled prompt has its images run already: pass no images")
+        ids = self.check(prompt, params, images=images)
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
             stop_ids |= self.eos_ids
         generator = torch.Generator(self._device).manual_seed(seed)
         seq = Seq(index, ids, params, stop_ids, generator, self.tokenizer)
+        if images:
+            seq.images = list(images)
+            raw = check_prompt(prompt, self.lm.config.vocab_size, "prompt")
+            given = [i for i, t in enumerate(raw) if t == self._image_token]
+            counts = [self._image_tokens(im) for im in images]
+            # the i-th <image> moved by the runs the i before it became
+            seq.image_starts = [j + sum(counts[:i]) - i for i, j in enumerate(given)]
         if prefilled is not None:
             seq.cache, seq.logits = self._check_prefilled(prefilled, seq)
             seq.prefilled = len(ids)
@@ -206,10 +250,10 @@ class Runner:
     def _check_prefilled(self, prefilled: Prefilled, seq: Seq) -> Prefilled:
         """prefilled, or ValueError saying how it does not fit seq."""
         cache, logits = prefilled
-        n, V = len(seq.prompt), self.model.config.vocab_size
+        n, V = len(seq.prompt), self.lm.config.vocab_size
         if seq.params.prompt_logprobs is not None:
             raise ValueError("prompt_logprobs score the prompt as it runs: pass no prefilled")
-        if cache.config != self.model.config or cache.lengths != [n]:
+        if cache.config != self.lm.config or cache.lengths != [n]:
             raise ValueError(
                 f"prefilled must be a single-row cache of this model holding the prompt's {n} "
                 f"tokens, got rows of lengths {cache.lengths}"
@@ -233,18 +277,22 @@ class Runner:
         if seq.ready:
             return 0
         n, scored = len(seq.prompt), seq.params.prompt_logprobs
+        t0 = time.perf_counter()
         if seq.cache is None:
-            seq.cache = HybridCache.for_model(self.model, 1, capacity=n)
+            seq.cache = HybridCache.for_model(self.lm, 1, capacity=n)
             if self.prefix_cache is not None and scored is None:
-                seq.reused, snap = self.prefix_cache.lookup(seq.prompt)
+                seq.reused, snap = self.prefix_cache.lookup(seq.prompt, seq.image_marks)
                 if snap is not None:
                     seq.cache.restore(snap)
                 seq.prefilled = seq.reused
                 self.stats.reused_tokens += seq.reused
+        if seq.images and seq.image_features is None:  # the ViT runs once per prompt
+            pixels = torch.cat([im.pixel_values for im in seq.images]).to(self._device)
+            feats = self.model.image_features(pixels, [im.image_size for im in seq.images])
+            seq.image_features = torch.cat(feats)
         boundary = None
         if self.prefix_cache is not None:
             boundary = (n - 1) // self.prefix_cache.chunk_size * self.prefix_cache.chunk_size
-        t0 = time.perf_counter()
         ran = 0
         while ran < max_tokens and seq.prefilled < n:
             a = seq.prefilled
@@ -254,14 +302,24 @@ class Runner:
                 b = boundary  # stop there to store the snapshot
             ids_1T = torch.tensor(seq.prompt[a:b], dtype=torch.int64, device=self._device)
             keep = int(b == n) if scored is None else None  # scoring needs every position's
-            out = self.model(ids_1T[None], cache=seq.cache, logits_to_keep=keep)
+            extra = {}
+            if seq.image_features is not None:  # the features of this chunk's <image> tokens
+                counts = [self._image_tokens(im) for im in seq.images]
+                before = sum(
+                    min(max(a - j, 0), m) for j, m in zip(seq.image_starts, counts, strict=True)
+                )
+                inside = int((ids_1T == self._image_token).sum())
+                extra["image_features"] = seq.image_features[before : before + inside]
+            out = self.model(ids_1T[None], cache=seq.cache, logits_to_keep=keep, **extra)
             if scored is not None:
                 self._score_prompt(seq, a, out.logits[0])
             if b == boundary:
-                self.prefix_cache.insert(seq.prompt[:b], seq.cache.snapshot())
+                snapshot = seq.cache.snapshot()
+                self.prefix_cache.insert(seq.prompt[:b], snapshot, seq.image_marks)
             seq.prefilled, ran = b, ran + b - a
             if b == n:  # a copy: a scored prompt's logits are [1, T, V] and must not stay
                 seq.logits = out.logits[:, -1].float().clone()
+                seq.image_features = None
         self.stats.prefill_seconds += time.perf_counter() - t0
         self.stats.prefill_tokens += ran
         return ran
@@ -289,8 +347,10 @@ class Runner:
             raise ValueError("seq must be prefilled (ready) before it is admitted")
         if seq.params.max_new_tokens == 0:
             raise ValueError("a seq with max_new_tokens=0 only scores its prompt: release it")
-        if source is not None and source.prompt != seq.prompt:
-            raise ValueError("source must be a sequence of the same prompt")
+        if source is not None and (
+            source.prompt != seq.prompt or source.image_marks != seq.image_marks
+        ):
+            raise ValueError("source must be a sequence of the same prompt and images")
         b = self.cache.insert(src.cache)
         self.running.append(seq)
         self._logits_BV[b] = src.logits[0]
@@ -319,6 +379,8 @@ class Runner:
         B = len(rows)
         logits_BV = self._logits_BV[:B]
         logits_BV[:, self._usable :] = float("-inf")
+        if self._image_token is not None:
+            logits_BV[:, self._image_token] = float("-inf")
         params = [s.params for s in rows]
         presence = None if self._presence_BV is None else self._presence_BV[:B]
         counts = None if self._counts_BV is None else self._counts_BV[:B]
@@ -397,12 +459,12 @@ def check_prompt(ids: Sequence[int] | Tensor, vocab_size: int, name: str) -> lis
     return [int(t) for t in ids]
 
 
-def check_tokenizer(model: HybridLM, tokenizer: Tokenizer | None) -> None:
+def check_tokenizer(model: HybridLM | HybridVLM, tokenizer: Tokenizer | None) -> None:
     """ValueError when the tokenizer has ids the model does not."""
-    if tokenizer is not None and tokenizer.vocab_size > model.config.vocab_size:
+    V = text_model(model).config.vocab_size
+    if tokenizer is not None and tokenizer.vocab_size > V:
         raise ValueError(
-            f"tokenizer has {tokenizer.vocab_size} tokens, more than the model's "
-            f"vocab_size={model.config.vocab_size}"
+            f"tokenizer has {tokenizer.vocab_size} tokens, more than the model's vocab_size={V}"
         )
 
 

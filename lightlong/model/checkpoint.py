@@ -26,6 +26,7 @@ from torch import Tensor
 
 from lightlong.model.config import CONFIG_FORMATS, HybridConfig
 from lightlong.model.hybrid import HybridLM
+from lightlong.model.vision import HybridVLM, VLConfig
 from lightlong.tokenizer import ByteTokenizer, Tokenizer, save_tokenizer
 
 INDEX_FILE = "model.safetensors.index.json"
@@ -128,6 +129,33 @@ def _released_tensors(name: str, t: Tensor) -> Iterator[tuple[str, Tensor]]:
     yield name.replace(".mlp.", ".block_sparse_moe.", 1), t
 
 
+def _vl_tensors(name: str, t: Tensor) -> Iterator[tuple[str, Tensor]]:
+    """Maps one stored tensor of a vision-language checkpoint (MiniMax-VL-01's released
+    names, or `transformers`' llava_next ones: `model.vision_tower.*` without
+    `vision_model.`, `model.language_model.*`, `lm_head.*`) to our parameter names."""
+    if name.startswith("model.language_model."):
+        name = "language_model.model." + name.removeprefix("model.language_model.")
+    elif name.startswith("model."):
+        name = name.removeprefix("model.")
+    elif name.startswith("lm_head."):
+        name = "language_model." + name
+    if name.startswith("vision_tower.") and not name.startswith("vision_tower.vision_model."):
+        name = "vision_tower.vision_model." + name.removeprefix("vision_tower.")
+    if name.startswith("language_model."):
+        for n, t_n in _released_tensors(name.removeprefix("language_model."), t):
+            yield "language_model." + n, t_n
+        return
+    yield name, t
+
+
+def _skipped(key: str) -> bool:
+    """Stored tensors that are derived or unused, recognised and not loaded: the text
+    model's decay buffers, CLIP's position ids and its final LayerNorm (MiniMax-VL-01 takes
+    its features before it; the released checkpoint has none, `transformers` saves one)."""
+    last = key.rsplit(".", 1)[-1]
+    return last in _DERIVED_BUFFERS or last == "position_ids" or ".post_layernorm." in key
+
+
 def load_pretrained(
     path: str | Path,
     *,
@@ -143,6 +171,28 @@ def load_pretrained(
     """
     path = resolve_checkpoint(path)
     config = HybridConfig.from_json(path / CONFIG_FILE)
+    return _load_into(HybridLM, config, path, dtype, device, _released_tensors)
+
+
+def load_pretrained_vl(
+    path: str | Path,
+    *,
+    dtype: torch.dtype | None = None,
+    device: str | torch.device = "cpu",
+) -> HybridVLM:
+    """`load_pretrained` for MiniMax-VL-01 (`lightlong.model.HybridVLM`): the released
+    layout or `transformers`' llava_next one."""
+    from lightlong.model.vision import VLConfig
+
+    path = resolve_checkpoint(path)
+    config = VLConfig.from_json(path / CONFIG_FILE)
+    return _load_into(HybridVLM, config, path, dtype, device, _vl_tensors)
+
+
+def _load_into(cls, config, path: Path, dtype, device, rename):
+    """A `cls(config)` built on the meta device and filled from the checkpoint at `path`,
+    one shard at a time; `rename` maps a stored (key, tensor) to (parameter name, tensor)
+    pairs."""
     files = _checkpoint_files(path)
     if dtype is None:
         with _open_safetensors(files[0]) as f:
@@ -150,7 +200,7 @@ def load_pretrained(
             dtype = f.get_slice(keys[0]).get_dtype() if keys else "F32"
         dtype = _SAFETENSORS_DTYPES.get(dtype, torch.float32)
     with torch.device("meta"):
-        model = HybridLM(config)
+        model = cls(config)
     model.to_empty(device=device)
     model.tie_weights()
     model.to(dtype)
@@ -159,13 +209,13 @@ def load_pretrained(
     for file in files:
         with _open_safetensors(file) as f:
             for key in f.keys():  # noqa: SIM118 (safe_open is not iterable)
-                if key.rsplit(".", 1)[-1] in _DERIVED_BUFFERS:
+                if _skipped(key):
                     continue
                 try:
                     tensor = f.get_tensor(key)
                 except SafetensorError as e:
                     raise CheckpointError(f"{file}: cannot read tensor {key!r} ({e})") from None
-                for name, t in _released_tensors(key, tensor):
+                for name, t in rename(key, tensor):
                     if name not in params:
                         raise CheckpointError(
                             f"{file.name}: unexpected tensor {key!r} ({name!r}); is "
@@ -180,8 +230,9 @@ def load_pretrained(
                     with torch.no_grad():
                         p.copy_(t)
                     loaded.add(name)
-    if config.tie_word_embeddings:
-        loaded.add("lm_head.weight")
+    tied = _tied_head(config)
+    if tied is not None:
+        loaded.add(tied)
     missing = sorted(set(params) - loaded)
     if missing:
         shown = ", ".join(missing[:8]) + (
@@ -207,6 +258,13 @@ _SAFETENSORS_DTYPES = {
     "BF16": torch.bfloat16,
     "F64": torch.float64,
 }
+
+
+def _tied_head(config: HybridConfig | VLConfig) -> str | None:
+    """The LM head's parameter name when it shares the embedding (not stored), else None."""
+    if isinstance(config, VLConfig):
+        return "language_model.lm_head.weight" if config.text.tie_word_embeddings else None
+    return "lm_head.weight" if config.tie_word_embeddings else None
 
 
 def save_pretrained(
@@ -239,7 +297,7 @@ def save_pretrained(
 
 
 def save_weights(
-    config: HybridConfig,
+    config: HybridConfig | VLConfig,
     state_dict: dict[str, Tensor],
     path: str | Path,
     *,
@@ -258,20 +316,18 @@ def save_weights(
         raise ValueError(f"config_format must be one of {CONFIG_FORMATS}, got {config_format!r}")
     if config_format == "transformers":
         config.to_hf_dict()  # refuses what transformers' MiniMax cannot represent
+    text = config.text if isinstance(config, VLConfig) else config
     if tokenizer is None:  # lightlong's default, when the vocabulary holds it
-        bytes_fit = config.vocab_size >= ByteTokenizer.vocab_size
+        bytes_fit = text.vocab_size >= ByteTokenizer.vocab_size
         tokenizer = ByteTokenizer() if bytes_fit else "no tokenizer given"
     special = tokenizer if not isinstance(tokenizer, str) else None
-    if special is not None and special.vocab_size > config.vocab_size:
+    if special is not None and special.vocab_size > text.vocab_size:
         raise ValueError(
             f"tokenizer has {special.vocab_size} ids, more than the model's vocab_size "
-            f"{config.vocab_size}"
+            f"{text.vocab_size}"
         )
-    state = {
-        k: v.detach().contiguous().cpu()
-        for k, v in state_dict.items()
-        if not (config.tie_word_embeddings and k == "lm_head.weight")
-    }
+    tied = _tied_head(config)
+    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if k != tied}
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
     for key, t in state.items():
@@ -324,7 +380,8 @@ def save_weights(
 
 # What a checkpoint directory holds: saving may replace a directory of only these.
 _CHECKPOINT_ENTRY = re.compile(
-    r"^(config|generation_config|tokenizer|tokenizer_config|special_tokens_map)\.json$"
+    r"^(config|generation_config|tokenizer|tokenizer_config|special_tokens_map"
+    r"|preprocessor_config)\.json$"
     r"|^model(-\d+-of-\d+)?\.safetensors$|^model\.safetensors\.index\.json$"
     rf"|^{MARKER}$|^{re.escape(STATE_FILE)}$"
 )

@@ -126,8 +126,9 @@ class HybridLM(nn.Module):
 
     def forward(
         self,
-        input_ids: Tensor,
+        input_ids: Tensor | None,
         *,
+        inputs_embeds: Tensor | None = None,
         cu_seqlens: Tensor | None = None,
         labels: Tensor | None = None,
         logits_to_keep: int | Tensor | None = None,
@@ -137,7 +138,9 @@ class HybridLM(nn.Module):
         """Runs the model.
 
         Args:
-            input_ids: int64 [B, T].
+            input_ids: int64 [B, T], or None with inputs_embeds.
+            inputs_embeds: [B, T, D] to run instead of the embeddings of input_ids (e.g. with
+                image features in place of `<image>` tokens: `lightlong.model.HybridVLM`).
             cu_seqlens: int64 [N + 1] offsets of documents packed along T (B == 1): no
                 attention, no lightning state and no loss crosses a document boundary, and
                 positions restart at each document.
@@ -164,11 +167,22 @@ class HybridLM(nn.Module):
             LMOutput with logits [B, T', V] and, given labels, the losses.
         """
         c = self.config
-        if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("pass exactly one of input_ids and inputs_embeds")
+        if inputs_embeds is not None:
+            if (
+                not isinstance(inputs_embeds, Tensor)
+                or inputs_embeds.dim() != 3
+                or (inputs_embeds.shape[-1] != c.hidden_size)
+            ):
+                raise ValueError(f"inputs_embeds must be a tensor [B, T, {c.hidden_size}]")
+            B, T = inputs_embeds.shape[:2]
+        elif not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
             raise ValueError("input_ids must be an int tensor [B, T]")
-        if input_ids.dtype not in (torch.int64, torch.int32):
+        elif input_ids.dtype not in (torch.int64, torch.int32):
             raise ValueError(f"input_ids must be int64, got {input_ids.dtype}")
-        B, T = input_ids.shape
+        else:
+            B, T = input_ids.shape
         seen = 0 if cache is None else cache.length
         new = T if split is None else split.offsets[-1]  # tokens the row gains
         if c.max_position_embeddings < seen + new:
@@ -177,14 +191,14 @@ class HybridLM(nn.Module):
                 f"input_ids has T={T} tokens{row} after {seen} cached, over "
                 f"max_position_embeddings={c.max_position_embeddings}"
             )
-        if T and input_ids.numel():
+        if input_ids is not None and input_ids.numel():
             lo, hi = (int(t) for t in torch.aminmax(input_ids))
             if lo < 0 or hi >= c.vocab_size:
                 raise ValueError(f"input_ids must be in [0, vocab_size={c.vocab_size})")
         if cu_seqlens is not None:
             check_cu_seqlens(cu_seqlens, B, T)
-        if labels is not None and labels.shape != input_ids.shape:
-            raise ValueError(f"labels must have input_ids' shape {tuple(input_ids.shape)}")
+        if labels is not None and tuple(labels.shape) != (B, T):
+            raise ValueError(f"labels must have input_ids' shape {(B, T)}")
         if split is not None:
             _check_split(c, split, B, T, cu_seqlens, labels, cache)
         if cache is not None and (cu_seqlens is not None or cache.batch_size != B):
@@ -192,7 +206,7 @@ class HybridLM(nn.Module):
                 f"with a cache, input_ids must be [B={cache.batch_size}, T] without cu_seqlens"
             )
 
-        x = self.model.embed_tokens(input_ids)
+        x = self.model.embed_tokens(input_ids) if inputs_embeds is None else inputs_embeds
         if split is not None:  # global positions within documents, this rank's slice
             offsets = torch.tensor(split.offsets, dtype=torch.int64)
             row = positions_in_sequence(split.offsets[-1], offsets, x.device)

@@ -6,6 +6,7 @@ import torch
 
 from lightlong.model.config import LAYER_LETTERS, HybridConfig
 from lightlong.model.hybrid import HybridLM
+from lightlong.model.vision import HybridVLM, VLConfig
 
 
 def train_flops_per_token(config: HybridConfig, seq_len: int) -> float:
@@ -51,10 +52,27 @@ def memory_plan(config: HybridConfig, context: int, batch: int, dtype: torch.dty
     }
 
 
-def describe(config: HybridConfig, context: int, batch: int, dtype: torch.dtype) -> str:
+def describe(config: HybridConfig | VLConfig, context: int, batch: int, dtype: torch.dtype) -> str:
     """Human-readable summary: parameter counts in K/M/B/T, memory in the binary unit that
-    fits (KiB ... TiB)."""
+    fits (KiB ... TiB). A vision-language model's adds its ViT and the whole model's counts
+    (the memory plan is the text model's, whose weights include no vision part)."""
     from lightlong.units import count, size
+
+    if isinstance(config, VLConfig):
+        with torch.device("meta"):
+            p = HybridVLM(config).param_count()
+        v = config.vision
+        most = max(h * w for h, w in config.image_grid_pinpoints) // v.image_size**2
+        return "\n".join([
+            f"vision           ViT {v.num_layers} layers, width {v.hidden_size}, heads "
+            f"{v.num_heads}, patch {v.patch_size} on {v.image_size} px tiles "
+            f"({config.tile_tokens} features a tile), up to {most} tiles + thumbnail an image",
+            f"vl parameters    total {count(p['total'])}, vision {count(p['vision'])} (ViT + "
+            f"projector, once per tile), active/text token {count(p['active'])}, weights "
+            f"{size(p['total'] * torch.finfo(dtype).bits // 8)}",
+            "text model:",
+            describe(config.text, context, batch, dtype),
+        ])  # fmt: skip
 
     plan = memory_plan(config, context, batch, dtype)
     p = plan["params"]

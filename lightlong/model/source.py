@@ -1,9 +1,9 @@
 """Model references, resolved in one place: what `--model` (generate, info, eval, train) and
 the Python loaders accept.
 
-A reference is a preset name (`PRESETS`), a checkpoint directory (config.json +
-safetensors), a training run directory (its newest complete `step-N/`), or a config .json
-file (fresh weights).
+A reference is a preset name (`PRESETS`, or `VL_PRESETS` for a vision-language model), a
+checkpoint directory (config.json + safetensors), a training run directory (its newest
+complete `step-N/`), or a config .json file (fresh weights).
 """
 
 from __future__ import annotations
@@ -21,12 +21,13 @@ from lightlong.model.checkpoint import (
 )
 from lightlong.model.config import PRESETS, HybridConfig
 from lightlong.model.hybrid import HybridLM
+from lightlong.model.vision import VL_PRESETS, HybridVLM, VLConfig, is_vl_config
 from lightlong.nn.quant import QUANTIZATIONS
 from lightlong.nn.quant import quantize as quantize_model
 from lightlong.tokenizer import ByteTokenizer, Tokenizer, load_tokenizer
 
 
-def resolve_model(ref: str | Path) -> HybridConfig | Path:
+def resolve_model(ref: str | Path) -> HybridConfig | VLConfig | Path:
     """The checkpoint directory `ref` names, or the config of a preset / config .json file.
     A preset name wins over a directory of that name unless the directory holds a checkpoint
     (write ./name for the directory).
@@ -34,30 +35,49 @@ def resolve_model(ref: str | Path) -> HybridConfig | Path:
     FileNotFoundError for a path that does not exist; ValueError (naming the presets) for a
     name that is neither a path nor a preset, or a directory that is not a checkpoint."""
     path = Path(ref)
-    if str(ref) in PRESETS and not _holds_checkpoint(path):  # a run's out_dir may be "tiny"
-        return HybridConfig.from_preset(str(ref))
+    if str(ref) in {*PRESETS, *VL_PRESETS} and not _holds_checkpoint(path):  # out_dir "tiny"?
+        name = str(ref)
+        return HybridConfig.from_preset(name) if name in PRESETS else VLConfig.from_preset(name)
     if path.is_dir():
         return resolve_checkpoint(path)
     if path.is_file():
         if path.suffix != ".json":
             raise ValueError(f"model {str(ref)!r}: expected a directory or a config .json file")
-        return HybridConfig.from_json(path)
+        return read_config(path)
     if path.suffix == ".json" or len(path.parts) > 1:
         raise FileNotFoundError(f"model {str(ref)!r}: no such file or directory")
     raise ValueError(
         f"model {str(ref)!r} is neither a checkpoint or run directory, a config .json file nor "
-        f"a preset; presets: {sorted(PRESETS)}"
+        f"a preset; presets: {sorted(PRESETS)}, vision-language: {sorted(VL_PRESETS)}"
     )
+
+
+def read_config(path: str | Path) -> HybridConfig | VLConfig:
+    """A config.json of a text model (`HybridConfig`) or a vision-language one (`VLConfig`:
+    it has a vision_config)."""
+    path = Path(path)
+    try:
+        d = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        d = None  # HybridConfig.from_json reports it
+    return VLConfig.from_json(path) if is_vl_config(d) else HybridConfig.from_json(path)
 
 
 def _holds_checkpoint(path: Path) -> bool:
     return (path / "config.json").is_file() or bool(complete_checkpoints(path))
 
 
-def resolve_config(ref: str | Path) -> HybridConfig:
-    """The config of a model reference (no weights are read)."""
+def resolve_config(ref: str | Path, *, vision: bool = False) -> HybridConfig | VLConfig:
+    """The config of a model reference (no weights are read). A vision-language model's is
+    a `VLConfig` where `vision`, else ValueError (the caller runs text models only)."""
     found = resolve_model(ref)
-    return HybridConfig.from_json(found / "config.json") if isinstance(found, Path) else found
+    config = read_config(found / "config.json") if isinstance(found, Path) else found
+    if isinstance(config, VLConfig) and not vision:
+        raise ValueError(
+            f"model {str(ref)!r} is a vision-language model; this command runs text models "
+            "(generate and serve take vision-language ones)"
+        )
+    return config
 
 
 def load_model(
@@ -67,19 +87,27 @@ def load_model(
     device: str | torch.device = "cpu",
     seed: int = 0,
     quantize: str = "none",
-) -> HybridLM:
+    vision: bool = False,
+) -> HybridLM | HybridVLM:
     """A checkpoint's model, or a preset or config .json file with seeded random weights (to
     train, or to try things out and benchmark; it generates noise). quantize "int8": for
-    inference, in eval mode with int8 projections and experts (`lightlong.nn.quantize_int8`)."""
+    inference, in eval mode with int8 projections and experts (`lightlong.nn.quantize_int8`;
+    a vision-language model's text model). vision: a vision-language model is loaded as a
+    `HybridVLM`; without it, ValueError."""
     if quantize not in QUANTIZATIONS:  # before any weights are read
         raise ValueError(f"quantize must be one of {list(QUANTIZATIONS)}, got {quantize!r}")
+    config = resolve_config(ref, vision=vision)
     found = resolve_model(ref)
+    cls = HybridVLM if isinstance(config, VLConfig) else HybridLM
     if isinstance(found, Path):
-        model = HybridLM.from_pretrained(found, dtype=dtype, device=device)
+        model = cls.from_pretrained(found, dtype=dtype, device=device)
     else:
         torch.manual_seed(seed)
-        model = HybridLM(found).to(device=device, dtype=dtype)
-    return quantize_model(model.eval(), quantize) if quantize != "none" else model
+        model = cls(config).to(device=device, dtype=dtype)
+    model.eval()
+    if quantize != "none":  # in place
+        quantize_model(model.language_model if cls is HybridVLM else model, quantize)
+    return model
 
 
 def load_model_tokenizer(ref: str | Path, tokenizer: str | Path | None = None) -> Tokenizer:
