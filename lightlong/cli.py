@@ -23,6 +23,8 @@ if TYPE_CHECKING:
 
     from lightlong.infer.runner import Prefilled
     from lightlong.model import HybridLM
+    from lightlong.model.image import ProcessedImage
+    from lightlong.model.vision import VLConfig
 
 
 def _run_config(cls, run):
@@ -45,7 +47,8 @@ def _info(args: argparse.Namespace) -> None:
 
     if args.context < 1 or args.batch < 1:
         raise ValueError("--context and --batch must be >= 1")
-    print(describe(resolve_config(args.model), args.context, args.batch, parse_dtype(args.dtype)))
+    config = resolve_config(args.model, vision=True)
+    print(describe(config, args.context, args.batch, parse_dtype(args.dtype)))
 
 
 def _serve(args: argparse.Namespace) -> None:
@@ -75,12 +78,15 @@ def _generate(args: argparse.Namespace) -> None:
     from tqdm import tqdm
 
     from lightlong.infer import Engine, SamplingParams
+    from lightlong.model.image import IMAGE_PLACEHOLDER, encode_with_images
     from lightlong.model.source import (
         eos_token_ids,
         generation_config,
         load_model,
         load_model_tokenizer,
+        resolve_config,
     )
+    from lightlong.model.vision import VLConfig, text_model
     from lightlong.runtime import check_device
 
     if "-" in (args.prompt, args.prompt_file):
@@ -96,6 +102,26 @@ def _generate(args: argparse.Namespace) -> None:
             raise ValueError(f"--prompt-file {args.prompt_file}: {e}") from None
     else:
         prompt = args.prompt
+    config = resolve_config(args.model, vision=True)
+    vision = isinstance(config, VLConfig)
+    if args.image and not vision:
+        raise ValueError(
+            f"--image: model {args.model!r} is a text model; it takes no images (a "
+            "vision-language model does, e.g. tiny-vl)"
+        )
+    if args.image and args.sequence_parallel:
+        raise ValueError("--sequence-parallel prefills text prompts only; drop --image")
+    if args.image and IMAGE_PLACEHOLDER not in prompt:  # each image before the text
+        prompt = f"{IMAGE_PLACEHOLDER}\n" * len(args.image) + prompt
+    if vision and prompt.count(IMAGE_PLACEHOLDER) != len(args.image):
+        n = prompt.count(IMAGE_PLACEHOLDER)
+        raise ValueError(
+            f"the prompt holds {n} {IMAGE_PLACEHOLDER!r} but {len(args.image)} --image "
+            f"{'was' if len(args.image) == 1 else 'were'} given: write one "
+            f"{IMAGE_PLACEHOLDER!r} per image where it goes (or none: each image then goes "
+            "before the text)"
+        )
+    images = _load_images(args, config) if vision else []
     dtype = parse_dtype(args.dtype)
     tokenizer = load_model_tokenizer(args.model, args.tokenizer)
     generation = {} if args.ignore_eos else generation_config(args.model)
@@ -108,8 +134,9 @@ def _generate(args: argparse.Namespace) -> None:
         except ValueError as e:
             raise ValueError(f"--sequence-parallel: {e}") from None
     model = load_model(
-        args.model, dtype=dtype, device=device, seed=args.seed or 0, quantize=args.quantize
-    )
+        args.model, dtype=dtype, device=device, seed=args.seed or 0, quantize=args.quantize,
+        vision=True,
+    )  # fmt: skip
     engine = Engine(model, tokenizer, prefill_chunk=args.prefill_chunk)
     params = SamplingParams(
         max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -117,22 +144,29 @@ def _generate(args: argparse.Namespace) -> None:
         stop=args.stop, stop_token_ids=args.stop_token_id + eos_token_ids(generation),
         ignore_eos=args.ignore_eos,
     )  # fmt: skip
-    ids = tokenizer.encode(prompt)
+    if vision:  # "<image>" is the image token, the rest text
+        ids = encode_with_images(tokenizer, prompt, config.image_token_id)
+    else:
+        ids = tokenizer.encode(prompt)
     if not ids:
         raise ValueError("the prompt is empty: give --prompt or --prompt-file some text")
+    # the prompt as the model runs it: each image token expanded to its image's features
+    length = len(ids) + sum(config.num_image_tokens(im.image_size) - 1 for im in images)
     prefilled = None
     if args.sequence_parallel:
         t0 = time.perf_counter()
-        prefilled = _prefill_split(model, ids, device)
+        prefilled = _prefill_split(text_model(model), ids, device)
         if prefilled is None:  # not rank 0: its part is done
             return
         prefill_s = time.perf_counter() - t0
     bar = tqdm(
-        total=len(ids), desc="prefill", unit="tok", file=sys.stderr, unit_scale=True,
-        disable=len(ids) < 4 * args.prefill_chunk or prefilled is not None,
+        total=length, desc="prefill", unit="tok", file=sys.stderr, unit_scale=True,
+        disable=length < 4 * args.prefill_chunk or prefilled is not None,
     )  # fmt: skip
     with bar:
-        events = engine.stream(ids, params, progress=bar.update, prefilled=[prefilled])
+        events = engine.stream(
+            ids, params, progress=bar.update, prefilled=[prefilled], images=[images]
+        )
         first = next(events)
         bar.close()
         last = ""
@@ -147,12 +181,29 @@ def _generate(args: argparse.Namespace) -> None:
         st.prefill_tokens, st.prefill_seconds = len(ids), prefill_s
     kv = st.cache_bytes
     print(
-        f"[{len(ids):,} prompt tokens at {st.prefill_tok_s:,.0f} tok/s; {st.decode_tokens} "
+        f"[{length:,} prompt tokens at {st.prefill_tok_s:,.0f} tok/s; {st.decode_tokens} "
         f"new at {st.decode_tok_s:,.1f} tok/s; finish: {ev.finish_reason}; cache "
         f"{kv['total'] / 2**20:,.1f} MiB (lightning {kv['lightning'] / 2**20:,.1f}, "
         f"softmax KV {kv['softmax_kv'] / 2**20:,.1f})]",
         file=sys.stderr,
     )
+
+
+def _load_images(args: argparse.Namespace, config: VLConfig) -> list[ProcessedImage]:
+    """The --image files, read (`--max-image-pixels`) and tiled by the model's processor:
+    its checkpoint's preprocessor_config.json, else its config's."""
+    from lightlong.model.image import load_image
+    from lightlong.model.source import load_image_processor
+
+    processor = load_image_processor(args.model, config, max_pixels=args.max_image_pixels)
+    images = []
+    for path in args.image:
+        try:
+            images.append(processor(load_image(path, max_pixels=args.max_image_pixels)))
+        except ValueError as e:  # ImageError names the file; the processor's does not
+            message = str(e) if str(e).startswith(path) else f"{path}: {e}"
+            raise ValueError(f"--image {message}") from None
+    return images
 
 
 def _prefill_split(model: HybridLM, ids: list[int], device: torch.device) -> Prefilled | None:
@@ -317,6 +368,16 @@ def build_parser() -> argparse.ArgumentParser:
     source = gen.add_mutually_exclusive_group(required=True)
     source.add_argument("--prompt", help="prompt text; - reads it from stdin")
     source.add_argument("--prompt-file", help="UTF-8 file holding the prompt; - for stdin")
+    gen.add_argument(
+        "--image", action="append", default=[], metavar="FILE",
+        help="an image for a vision-language model (repeatable, in order): the prompt's "
+        "i-th '<image>' stands for the i-th; a prompt without '<image>' gets one '<image>' "
+        "and a newline per image before its text",
+    )  # fmt: skip
+    gen.add_argument(
+        "--max-image-pixels", type=int, default=50_000_000,
+        help="most pixels (height x width) of an image; bigger ones are refused unread",
+    )  # fmt: skip
     gen.add_argument("--tokenizer", help="tokenizer.json or its directory (default: the "
                      "model directory's, else bytes)")  # fmt: skip
     gen.add_argument("--max-new-tokens", type=int, default=128, help="tokens to generate at most")

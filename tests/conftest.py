@@ -7,9 +7,12 @@ computed in float64): err = ||actual − ref||_F / ||ref||_F.
 from __future__ import annotations
 
 import importlib.util
+import io
 import os
 import subprocess
 import sys
+import warnings
+from collections.abc import Iterator
 
 import pytest
 import torch
@@ -96,3 +99,38 @@ requires_triton = pytest.mark.skipif(
     reason="backend 'triton' needs CUDA and triton, or TRITON_INTERPRET=1 "
     "(make test-triton-interpret)",
 )
+
+
+@pytest.fixture
+def cli(monkeypatch, capsys):
+    """Runs `lightlong ARGS` in this process; returns (exit code, stdout, stderr)."""
+    from lightlong.cli import main
+    from lightlong.runtime import keep_freed_memory
+
+    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main sets it
+    monkeypatch.setenv("COLUMNS", "100")
+
+    def run(*argv: str, stdin: str | None = None) -> tuple[int, str, str]:
+        if stdin is not None:
+            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
+        code = 0
+        try:
+            main(list(argv))
+        except SystemExit as e:
+            code = e.code
+        finally:
+            keep_freed_memory(False)  # main keeps freed memory; not for the test process
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread() -> Iterator[None]:
+    """Runs a module's offline references on one torch thread, as its servers and
+    subprocesses do (two threads on two cores shared with a server run many times slower)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)

@@ -6,44 +6,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import io
 import json
 import os
 import re
 import stat
-import sys
 import typing
-import warnings
 from importlib.metadata import version
 
 import pytest
 
 from lightlong import units
-from lightlong.cli import build_parser, main
-from lightlong.runtime import keep_freed_memory
+from lightlong.cli import build_parser
 from lightlong.train.config import TrainConfig
-
-
-@pytest.fixture
-def cli(monkeypatch, capsys):
-    """Runs `lightlong ARGS` in this process; returns (exit code, stdout, stderr)."""
-    monkeypatch.setattr(warnings, "formatwarning", warnings.formatwarning)  # main sets it
-    monkeypatch.setenv("COLUMNS", "100")
-
-    def run(*argv: str, stdin: str | None = None) -> tuple[int, str, str]:
-        if stdin is not None:
-            monkeypatch.setattr(sys, "stdin", io.StringIO(stdin))
-        code = 0
-        try:
-            main(list(argv))
-        except SystemExit as e:
-            code = e.code
-        finally:
-            keep_freed_memory(False)  # main keeps freed memory; not for the test process
-        out = capsys.readouterr()
-        return code, out.out, out.err
-
-    return run
 
 
 def _leaf_parsers(

@@ -146,3 +146,67 @@ def test_bad_requests_are_named(model):
     text_only = Engine(HybridLM(HybridConfig.from_preset("tiny")))
     with pytest.raises(ValueError, match="takes no images"):
         text_only.generate([5, 6], GREEDY, images=[[im]])
+
+
+def test_prefilled_image_prompt_continues_in_generate(model):
+    """`Engine.prefill` with images, then `generate(prefilled=...)` with the same prompt and
+    images (their ViT is not run again) equals generating in one call."""
+    ids = [*text(6, 14), IMAGE, *text(5, 15)]
+    images = [picture(45, 35, 13)]
+    engine = Engine(model, prefill_chunk=16)
+    calls = []
+    original = model.image_features
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    pre = engine.prefill(ids, images=images)
+    model.image_features = counted
+    try:
+        got = engine.generate(ids, GREEDY, images=[images], prefilled=[pre])[0]
+    finally:
+        del model.image_features
+    assert not calls
+    assert got.token_ids == engine.generate(ids, GREEDY, images=[images])[0].token_ids
+
+
+def test_vit_skips_images_a_prefix_snapshot_covers(model):
+    chunk = 8
+    ids = [*text(3, 16), IMAGE, *text(40, 17)]
+    images = [picture(28, 28, 14)]
+    engine = Engine(model, prefill_chunk=chunk, prefix_cache_bytes=1 << 26)
+    first = engine.generate(ids, GREEDY, images=[images])[0]
+    calls = []
+    original = model.image_features
+
+    def counted(*args, **kwargs):
+        calls.append(1)
+        return original(*args, **kwargs)
+
+    model.image_features = counted
+    try:
+        again = engine.generate(ids, GREEDY, images=[images])[0]
+    finally:
+        del model.image_features
+    assert engine.stats.reused_tokens > 3 + model.config.num_image_tokens((28, 28))
+    assert not calls and again.token_ids == first.token_ids
+
+
+def test_malformed_images_are_refused_before_running(model):
+    from lightlong.infer import Runner
+
+    engine = Engine(model)
+    im = picture(30, 30, 15)
+    with pytest.raises(ValueError, match="one list of images per prompt"):
+        engine.generate([5, IMAGE], GREEDY, images=[im])
+    processed = ImageProcessor.for_config(model.config)(im)
+    wrong = type(processed)(processed.pixel_values[:1], (60, 60), processed.digest)
+    with pytest.raises(ValueError, match=r"pixel_values must be \[5, 3, 28, 28\]"):
+        engine.stream([5, IMAGE], GREEDY, images=[[wrong]])
+    runner = Runner(model, max_num_seqs=1)
+    with pytest.raises(ValueError, match="must be a ProcessedImage"):
+        runner.new_seq([5, IMAGE], GREEDY, seed=0, images=[im])
+    scored = SamplingParams(max_new_tokens=1, prompt_logprobs=1)
+    with pytest.raises(ValueError, match="prompt_logprobs"):
+        runner.new_seq([5, IMAGE], scored, seed=0, images=[processed])

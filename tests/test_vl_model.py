@@ -82,7 +82,7 @@ def test_released_config_json_round_trip(tmp_path):
     [
         ("image_token_id", 600, "image_token_id"),
         ("vision_feature_layer", 9, "vision_feature_layer"),
-        ("vision_feature_select_strategy", "cls", "vision_feature_select_strategy"),
+        ("vision_feature_select_strategy", "full", "vision_feature_select_strategy"),
         ("image_grid_pinpoints", [[28, 30]], "image_grid_pinpoints"),
         ("projector_hidden_act", "relu6", "projector_hidden_act"),
     ],

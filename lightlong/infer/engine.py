@@ -191,6 +191,8 @@ class Engine:
                 f"prefilled must have one entry per prompt ({len(batch)}), got {len(prefilled)}"
             )
         images = [()] * len(batch) if images is None else list(images)
+        if any(isinstance(ims, (PILImage, ProcessedImage)) for ims in images):
+            raise ValueError("images must hold one list of images per prompt (e.g. [[image]])")
         if len(images) != len(batch):
             raise ValueError(
                 f"images must have one list per prompt ({len(batch)}), got {len(images)}"

@@ -26,7 +26,7 @@ from lightlong.infer.cache import HybridCache
 from lightlong.infer.prefix import PrefixCache
 from lightlong.infer.sampling import SamplingParams, process_logits, sample, token_logprobs
 from lightlong.model import HybridLM, HybridVLM
-from lightlong.model.image import ProcessedImage, expand_image_tokens
+from lightlong.model.image import ProcessedImage, expand_image_tokens, grid_shape
 from lightlong.model.vision import text_model
 from lightlong.tokenizer import IncrementalDecoder, Tokenizer
 
@@ -97,17 +97,16 @@ class Seq:
         """With `params.prompt_logprobs`: (log p, alternatives) of prompt tokens 1, 2, …"""
         self.cache: HybridCache | None = None  # the prefill's single-row cache
         self.logits: Tensor | None = None  # fp32 [1, V] for the first token, once prefilled
-        self.images: list[ProcessedImage] = []
-        """The prompt's images, in the order of their `<image>` runs."""
-        self.image_starts: list[int] = []
-        """Where each image's run of `<image>` tokens starts in the prompt."""
-        self.image_features: Tensor | None = None  # [M, D] for the M <image> tokens, in prefill
-        self._out = _Output(index, tokenizer, params.stop)
-
-    @property
-    def image_marks(self) -> list[tuple[int, bytes]]:
+        self.images: list[ProcessedImage | None] = []
+        """The prompt's images, in the order of their `<image>` runs (None once the ViT has
+        run on it, or the prefill is past it)."""
+        self.image_spans: list[tuple[int, int]] = []
+        """(start, length) of each image's run of `<image>` tokens in the prompt."""
+        self.image_marks: list[tuple[int, bytes]] = []
         """(start, content digest) per image: what prefix-cache keys hash besides tokens."""
-        return [(a, im.digest) for a, im in zip(self.image_starts, self.images, strict=True)]
+        self.image_features: dict[int, Tensor] = {}
+        """Features [length, D] of the images the prefill is inside, by image index."""
+        self._out = _Output(index, tokenizer, params.stop)
 
     @property
     def ready(self) -> bool:
@@ -189,16 +188,9 @@ class Runner:
         run of feature positions (`HybridVLM`: one `<image>` token per image is given)."""
         c = self.lm.config
         params.validate(c.vocab_size)
-        ids = check_prompt(prompt, c.vocab_size, name)
-        if self._image_token is None:
-            if images:
-                raise ValueError(f"{name}: this model takes no images (not vision-language)")
-        else:
-            counts = [self._image_tokens(im) for im in images]
-            try:
-                ids = expand_image_tokens(ids, self._image_token, counts)
-            except ValueError as e:
-                raise ValueError(f"{name}: {e}") from None
+        if images and params.prompt_logprobs is not None:
+            raise ValueError(f"{name}: prompt_logprobs are not reported for prompts with images")
+        ids = self.expand(prompt, images, name)
         if len(ids) + params.max_new_tokens > c.max_position_embeddings:
             raise ValueError(
                 f"{name} ({len(ids)} tokens) + max_new_tokens ({params.max_new_tokens}) exceeds "
@@ -208,8 +200,44 @@ class Runner:
             raise ValueError("stop strings need a tokenizer")
         return ids
 
+    def expand(
+        self, prompt: Sequence[int], images: Sequence[ProcessedImage] = (), name: str = "prompt"
+    ) -> list[int]:
+        """The prompt as the model runs it: its ids checked, each `<image>` token (one per
+        image, in order) expanded to its image's run of features; ValueError naming the
+        problem (a text model given images, a count mismatch, malformed images)."""
+        ids = check_prompt(prompt, self.lm.config.vocab_size, name)
+        if self._image_token is None:
+            if images:
+                raise ValueError(f"{name}: this model takes no images (not vision-language)")
+            return ids
+        for j, im in enumerate(images):
+            self._check_image(im, f"{name} image {j}")
+        counts = [self._image_tokens(im) for im in images]
+        try:
+            return expand_image_tokens(ids, self._image_token, counts)
+        except ValueError as e:
+            raise ValueError(f"{name}: {e}") from None
+
     def _image_tokens(self, image: ProcessedImage) -> int:
         return self.model.config.num_image_tokens(image.image_size)
+
+    def _check_image(self, image: ProcessedImage, name: str) -> None:
+        """ValueError unless image is a ProcessedImage with the tiles the model expects."""
+        if not isinstance(image, ProcessedImage):
+            raise ValueError(
+                f"{name} must be a ProcessedImage (lightlong.model.image.ImageProcessor), got "
+                f"{type(image).__name__}"
+            )
+        c = self.model.config
+        S = c.vision.image_size
+        rows, cols = grid_shape(image.image_size, c.image_grid_pinpoints, S)
+        want = (1 + rows * cols, 3, S, S)
+        if tuple(image.pixel_values.shape) != want:
+            raise ValueError(
+                f"{name}: pixel_values must be {list(want)} for an image of {image.image_size} "
+                f"(height, width), got {list(image.pixel_values.shape)}"
+            )
 
     def new_seq(
         self,
@@ -227,8 +255,6 @@ class Runner:
         holding its tokens and the logits [1, V] for the next token; the sequence is ready
         to admit. `images` (a `HybridVLM`): one per `<image>` token of the prompt, in order
         (`lightlong.model.image.ImageProcessor`); their features enter in the prefill."""
-        if images and prefilled is not None:
-            raise ValueError("a prefilled prompt has its images run already: pass no images")
         ids = self.check(prompt, params, images=images)
         stop_ids = set(params.stop_token_ids)
         if not params.ignore_eos:
@@ -236,12 +262,14 @@ class Runner:
         generator = torch.Generator(self._device).manual_seed(seed)
         seq = Seq(index, ids, params, stop_ids, generator, self.tokenizer)
         if images:
-            seq.images = list(images)
             raw = check_prompt(prompt, self.lm.config.vocab_size, "prompt")
             given = [i for i, t in enumerate(raw) if t == self._image_token]
             counts = [self._image_tokens(im) for im in images]
             # the i-th <image> moved by the runs the i before it became
-            seq.image_starts = [j + sum(counts[:i]) - i for i, j in enumerate(given)]
+            starts = [j + sum(counts[:i]) - i for i, j in enumerate(given)]
+            seq.image_spans = list(zip(starts, counts, strict=True))
+            seq.image_marks = [(a, im.digest) for a, im in zip(starts, images, strict=True)]
+            seq.images = [None] * len(images) if prefilled is not None else list(images)
         if prefilled is not None:
             seq.cache, seq.logits = self._check_prefilled(prefilled, seq)
             seq.prefilled = len(ids)
@@ -286,10 +314,9 @@ class Runner:
                     seq.cache.restore(snap)
                 seq.prefilled = seq.reused
                 self.stats.reused_tokens += seq.reused
-        if seq.images and seq.image_features is None:  # the ViT runs once per prompt
-            pixels = torch.cat([im.pixel_values for im in seq.images]).to(self._device)
-            feats = self.model.image_features(pixels, [im.image_size for im in seq.images])
-            seq.image_features = torch.cat(feats)
+                for i, (start, length) in enumerate(seq.image_spans):
+                    if start + length <= seq.reused:  # in the snapshot: no ViT, no pixels
+                        seq.images[i] = None
         boundary = None
         if self.prefix_cache is not None:
             boundary = (n - 1) // self.prefix_cache.chunk_size * self.prefix_cache.chunk_size
@@ -303,13 +330,8 @@ class Runner:
             ids_1T = torch.tensor(seq.prompt[a:b], dtype=torch.int64, device=self._device)
             keep = int(b == n) if scored is None else None  # scoring needs every position's
             extra = {}
-            if seq.image_features is not None:  # the features of this chunk's <image> tokens
-                counts = [self._image_tokens(im) for im in seq.images]
-                before = sum(
-                    min(max(a - j, 0), m) for j, m in zip(seq.image_starts, counts, strict=True)
-                )
-                inside = int((ids_1T == self._image_token).sum())
-                extra["image_features"] = seq.image_features[before : before + inside]
+            if seq.image_spans:
+                extra["image_features"] = self._image_features(seq, a, b)
             out = self.model(ids_1T[None], cache=seq.cache, logits_to_keep=keep, **extra)
             if scored is not None:
                 self._score_prompt(seq, a, out.logits[0])
@@ -319,10 +341,28 @@ class Runner:
             seq.prefilled, ran = b, ran + b - a
             if b == n:  # a copy: a scored prompt's logits are [1, T, V] and must not stay
                 seq.logits = out.logits[:, -1].float().clone()
-                seq.image_features = None
         self.stats.prefill_seconds += time.perf_counter() - t0
         self.stats.prefill_tokens += ran
         return ran
+
+    def _image_features(self, seq: Seq, a: int, b: int) -> Tensor | None:
+        """The features of prompt positions [a, b)'s `<image>` tokens, in order, [M, D]. The
+        ViT runs on an image when the prefill first reaches it (not for images a prefix
+        snapshot covers); its pixels are dropped then, its features once the prefill is
+        past it."""
+        parts = []
+        for i, (start, length) in enumerate(seq.image_spans):
+            if start >= b or start + length <= a:
+                continue
+            if i not in seq.image_features:
+                im = seq.images[i]
+                pixels = im.pixel_values.to(self._device)
+                seq.image_features[i] = self.model.image_features(pixels, [im.image_size])[0]
+                seq.images[i] = None
+            parts.append(seq.image_features[i][max(a - start, 0) : min(b - start, length)])
+            if start + length <= b:
+                del seq.image_features[i]
+        return torch.cat(parts) if parts else None
 
     def _score_prompt(self, seq: Seq, a: int, logits_TV: Tensor) -> None:
         """Appends the log-probabilities of prompt tokens a + 1 … a + T from the logits

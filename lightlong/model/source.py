@@ -21,6 +21,7 @@ from lightlong.model.checkpoint import (
 )
 from lightlong.model.config import PRESETS, HybridConfig
 from lightlong.model.hybrid import HybridLM
+from lightlong.model.image import ImageProcessor
 from lightlong.model.vision import VL_PRESETS, HybridVLM, VLConfig, is_vl_config
 from lightlong.nn.quant import QUANTIZATIONS
 from lightlong.nn.quant import quantize as quantize_model
@@ -108,6 +109,15 @@ def load_model(
     if quantize != "none":  # in place
         quantize_model(model.language_model if cls is HybridVLM else model, quantize)
     return model
+
+
+def load_image_processor(ref: str | Path, config: VLConfig, *, max_pixels: int) -> ImageProcessor:
+    """The image processor of a vision-language model reference: its checkpoint's
+    preprocessor_config.json when it has one, else its config's."""
+    found = resolve_model(ref)
+    if isinstance(found, Path):
+        return ImageProcessor.from_pretrained(found, config, max_pixels=max_pixels)
+    return ImageProcessor.for_config(config, max_pixels=max_pixels)
 
 
 def load_model_tokenizer(ref: str | Path, tokenizer: str | Path | None = None) -> Tokenizer:

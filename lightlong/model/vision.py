@@ -39,8 +39,9 @@ ACTIVATIONS = {
     "quick_gelu": lambda x: x * torch.sigmoid(1.702 * x),
 }
 """Activations of the ViT's MLP and the projector, by their `transformers` names."""
-SELECT_STRATEGIES = ("default", "full")
-"""vision_feature_select_strategy: "default" drops the CLS feature, "full" keeps it."""
+SELECT_STRATEGIES = ("default",)
+"""vision_feature_select_strategy values run: "default" drops the CLS feature (MiniMax-VL-01;
+LLaVA-NeXT's anyres packing has no room for it, so "full" is refused)."""
 VL_MODEL_TYPE = "minimax_vl_01"
 VL_ARCHITECTURE = "MiniMaxVL01ForConditionalGeneration"
 _CLIP_DEFAULTS = {  # transformers' CLIPVisionConfig, for fields a config.json leaves out
@@ -146,9 +147,10 @@ class VLConfig:
     """The `<image>` token: the prompt holds one per image feature."""
     vision_feature_layer: int = -1
     """The ViT hidden state fed to the projector: 0 is the embeddings, i the output of layer
-    i, negative counts from the last (-1: the last layer's output, no final norm)."""
+    i, negative counts from the last (-1: the last layer's output, no final norm; MiniMax's.
+    A config.json without the field gets LLaVA-NeXT's default, -2)."""
     vision_feature_select_strategy: str = "default"
-    """'default' drops the CLS feature (S²/P² features per tile); 'full' keeps it."""
+    """'default' drops the CLS feature: (S/P)² features per tile (`SELECT_STRATEGIES`)."""
     projector_hidden_act: str = "gelu"
     image_grid_pinpoints: list[list[int]] = field(
         default_factory=lambda: [list(p) for p in MINIMAX_VL_PINPOINTS]
@@ -175,8 +177,8 @@ class VLConfig:
             )
         if self.vision_feature_select_strategy not in SELECT_STRATEGIES:
             raise ValueError(
-                f"vision_feature_select_strategy must be one of {SELECT_STRATEGIES}, got "
-                f"{self.vision_feature_select_strategy!r}"
+                f"vision_feature_select_strategy must be one of {SELECT_STRATEGIES} (CLS "
+                f"dropped, as MiniMax-VL-01 runs), got {self.vision_feature_select_strategy!r}"
             )
         if self.projector_hidden_act not in ACTIVATIONS:
             raise ValueError(
@@ -187,7 +189,9 @@ class VLConfig:
         pins = self.image_grid_pinpoints
         if not isinstance(pins, list) or not pins or not all(
             isinstance(p, (list, tuple)) and len(p) == 2
-            and all(isinstance(v, int) and v > 0 and v % S == 0 for v in p)
+            and all(
+                isinstance(v, int) and not isinstance(v, bool) and v > 0 and v % S == 0 for v in p
+            )
             for p in pins
         ):  # fmt: skip
             raise ValueError(
@@ -205,8 +209,8 @@ class VLConfig:
 
     @property
     def tile_tokens(self) -> int:
-        """Features per tile: (S/P)², plus the CLS with the 'full' strategy."""
-        return self.vision.patches_per_side**2 + (self.vision_feature_select_strategy == "full")
+        """Features per tile: (S/P)² (the CLS dropped)."""
+        return self.vision.patches_per_side**2
 
     def num_image_tokens(self, image_size: tuple[int, int]) -> int:
         """`<image>` tokens (features) of an image of (height, width) pixels: the thumbnail's
@@ -266,10 +270,12 @@ class VLConfig:
         """From the released MiniMax-VL-01 config.json or `transformers`' llava_next one."""
         if not isinstance(d, dict):
             raise ValueError(f"{source}: expected a JSON object, got {type(d).__name__}")
-        if "text_config" not in d or "vision_config" not in d:
-            raise ValueError(
-                f"{source}: a vision-language config needs text_config and vision_config"
-            )
+        for key in ("text_config", "vision_config"):
+            if not isinstance(d.get(key), dict):
+                raise ValueError(
+                    f"{source}: a vision-language config needs {key} as an object, got "
+                    f"{d.get(key)!r}"
+                )
         strategy = d.get("vision_feature_select_strategy", "default")
         layer = d.get("vision_feature_layer", -2)
         if isinstance(layer, list):
@@ -526,8 +532,7 @@ class HybridVLM(nn.Module):
                 f"need {sum(counts)} (a thumbnail and the best grid each)"
             )
         hidden_NLC = self.vision_tower.vision_model(pixel_values, c.feature_layer_count)
-        if c.vision_feature_select_strategy == "default":
-            hidden_NLC = hidden_NLC[:, 1:]
+        hidden_NLC = hidden_NLC[:, 1:]  # the CLS feature is dropped ("default")
         feats_NLD = self.multi_modal_projector(hidden_NLC)
         return [
             pack_image_features(f, size, c, self.image_newline)
@@ -678,13 +683,10 @@ def pack_image_features(
 ) -> Tensor:
     """One image's tile features [N, L, D] (thumbnail first, then the grid's tiles row by
     row, L = (S/P)² patches each) -> [n, D]: the thumbnail's L features, then the grid as one
-    feature map cut back to the image's aspect, row by row, each row followed by newline_D.
-    With the 'full' strategy (CLS kept) the grid keeps only the patches."""
+    feature map cut back to the image's aspect, row by row, each row followed by newline_D."""
     q = c.vision.patches_per_side
     rows, cols = grid_shape(image_size, c.image_grid_pinpoints, c.vision.image_size)
     base_LD, grid = feats_NLD[0], feats_NLD[1:]
-    if c.vision_feature_select_strategy == "full":
-        grid = grid[:, 1:]
     D = grid.shape[-1]
     # [rows, cols, q, q, D] -> [rows·q, cols·q, D]: the tiles' patches as one map
     map_HWD = grid.reshape(rows, cols, q, q, D).permute(0, 2, 1, 3, 4)

@@ -5,6 +5,11 @@ Handlers parse and check a request (`protocol`), turn prompts into token ids (th
 tokenizer, the chat template), run it through the `AsyncEngine`, and answer with one JSON
 body or a stream of server-sent events ending in `data: [DONE]`. Every failure is an
 OpenAI error body; an accepted request gets its whole answer or an error, never silence.
+
+A vision-language model's chat requests may hold `image_url` parts: each becomes the text
+"<image>" where it stood (so any chat template places it), the prompt's "<image>" become
+the image token, and the images are read and tiled (`images.ImageReader`) before the
+request is queued; the engine expands each image token to the image's features.
 """
 
 from __future__ import annotations
@@ -21,9 +26,12 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 
 from lightlong.infer import SamplingParams, StreamEvent
+from lightlong.model import HybridVLM
+from lightlong.model.image import ImageProcessor, ProcessedImage, encode_with_images
 from lightlong.serve import protocol as api
 from lightlong.serve.chat import ChatTemplate, ChatTemplateError, ReasoningParser
 from lightlong.serve.engine import AsyncEngine, EngineStopped
+from lightlong.serve.images import ImageReader, ImageSettings
 from lightlong.serve.scheduler import QueueFull
 from lightlong.serve.scheduler import Request as EngineRequest
 from lightlong.tokenizer import Tokenizer
@@ -46,6 +54,11 @@ class AppConfig:
     """Largest request body accepted (413 past it)."""
     reasoning_parser: Callable[[], ReasoningParser] | None = None
     """Splits chat output into reasoning_content and content (--reasoning-parser)."""
+    image_reader: ImageReader | None = None
+    """Reads chat requests' images for a vision-language model (None: one with its config's
+    processor and default limits); a text model refuses image parts."""
+    max_images: int = 8
+    """Most images per chat request (a vision-language model)."""
     created: int = field(default_factory=lambda: int(time.time()))
 
 
@@ -57,9 +70,17 @@ def build_app(
 ) -> FastAPI:
     """The FastAPI application serving `engine`."""
     app = FastAPI(title="lightlong", docs_url=None, redoc_url=None, openapi_url=None)
-    vocab_size = engine.runner.model.config.vocab_size
+    vocab_size = engine.runner.lm.config.vocab_size  # the text model's (a VLM's too)
     max_n = engine.runner.max_num_seqs
-    limits = api.Limits(max_n=max_n, max_tokens=config.max_model_len, vocab_size=vocab_size)
+    served = engine.runner.model
+    image_token = served.config.image_token_id if isinstance(served, HybridVLM) else None
+    image_reader = config.image_reader
+    if image_token is not None and image_reader is None:  # the model config's processor
+        image_reader = ImageReader(ImageProcessor.for_config(served.config), ImageSettings())
+    limits = api.Limits(
+        max_n=max_n, max_tokens=config.max_model_len, vocab_size=vocab_size,
+        max_images=config.max_images if image_token is not None else 0,
+    )  # fmt: skip
 
     @app.exception_handler(api.APIError)
     async def _api_error(_: Request, e: api.APIError) -> JSONResponse:
@@ -110,7 +131,7 @@ def build_app(
         _check_model(req.model, config)
         prompts = [_encode(p, tokenizer, f"prompt[{i}]") for i, p in enumerate(req.prompts)]
         runs = [
-            _Run(engine, p, _params(req, p, config, engine, "prompt"), req.n, req.seed)
+            _Run(engine, p, _params(req, p, config, engine, "prompt")[0], req.n, req.seed)
             for p in prompts
         ]
         echoes = [
@@ -146,8 +167,18 @@ def build_app(
             )  # fmt: skip
         except ChatTemplateError as e:
             raise api.APIError.invalid(str(e), "messages") from None
-        ids = _encode(text, tokenizer, "messages")
-        run = _Run(engine, ids, _params(req, ids, config, engine, "messages"), req.n, req.seed)
+        images: list[ProcessedImage] = []
+        if image_token is None:
+            ids = _encode(text, tokenizer, "messages")
+        else:
+            _check_placeholders(text, req.images)
+            ids = encode_with_images(tokenizer, text, image_token)
+            if not ids:
+                raise api.APIError.invalid("the prompt is empty: it needs a token", "messages")
+            if req.images:  # read (on worker threads) before the request is queued
+                images = await image_reader.read_all(req.images)
+        params, prompt_tokens = _params(req, ids, config, engine, "messages", images)
+        run = _Run(engine, ids, params, req.n, req.seed, images, prompt_tokens)
         stream = _submit([run])
         rid = api.new_id("chatcmpl")
         parser = config.reasoning_parser
@@ -220,6 +251,20 @@ def _check_model(name: str, config: AppConfig) -> None:
         )
 
 
+def _check_placeholders(text: str, images: list[api.ImagePart]) -> None:
+    """400 unless the rendered prompt holds one "<image>" per image part (a text part that
+    writes "<image>" itself, or a template that drops a message with an image, breaks it)."""
+    found = text.count(api.IMAGE_PLACEHOLDER)
+    if found != len(images):
+        raise api.APIError.invalid(
+            f"the prompt holds {found} {api.IMAGE_PLACEHOLDER!r} but the messages have "
+            f"{len(images)} image{'' if len(images) == 1 else 's'}: each image_url part "
+            f"becomes one {api.IMAGE_PLACEHOLDER!r}, so text must not write "
+            f"{api.IMAGE_PLACEHOLDER!r} itself",
+            "messages",
+        )
+
+
 def _encode(prompt: str | list[int], tokenizer: Tokenizer | None, param: str) -> list[int]:
     if isinstance(prompt, list):
         return prompt
@@ -239,22 +284,32 @@ def _params(
     config: AppConfig,
     engine: AsyncEngine,
     param: str,
-) -> SamplingParams:
-    """The request's sampling parameters for one prompt, checked against the context."""
-    room = config.max_model_len - len(prompt)
+    images: list[ProcessedImage] | None = None,
+) -> tuple[SamplingParams, int]:
+    """The request's sampling parameters for one prompt (with its images, one image token
+    each), checked against the context; and the prompt's length once each image token is
+    expanded to the image's features."""
+    images = images or []
+    length = len(prompt)
+    if images:  # the length the model sees: each image token becomes its image's features
+        try:
+            length = len(engine.runner.expand(prompt, images, param))
+        except ValueError as e:
+            raise api.APIError.invalid(str(e), param) from None
+    room = config.max_model_len - length
     if room < 1 or (req.max_tokens is not None and req.max_tokens > room):
         asked = "" if req.max_tokens is None else f" + max_tokens ({req.max_tokens})"
         raise api.APIError.invalid(
-            f"the prompt has {len(prompt)} tokens{asked}: over this model's context of "
+            f"the prompt has {length} tokens{asked}: over this model's context of "
             f"{config.max_model_len} tokens (--max-model-len)",
             param if room < 1 or req.max_tokens is None else "max_tokens",
         )
     params = req.sampling_params(req.max_tokens if req.max_tokens is not None else room)
     try:
-        engine.runner.check(prompt, params, name=param)
+        engine.runner.check(prompt, params, name=param, images=images)
     except ValueError as e:
         raise api.APIError.invalid(str(e), param) from None
-    return params
+    return params, length
 
 
 # -- running -------------------------------------------------------------------------------
@@ -265,15 +320,14 @@ class _Run:
 
     def __init__(
         self, engine: AsyncEngine, prompt: list[int], params: SamplingParams, n: int,
-        seed: int | None,
+        seed: int | None, images: list[ProcessedImage] | None = None,
+        prompt_tokens: int | None = None,
     ):  # fmt: skip
         self.engine, self.n = engine, n
-        self.request = EngineRequest(prompt, params, n=n, seed=seed)
+        self.request = EngineRequest(prompt, params, n=n, seed=seed, images=images or [])
         self.completion_tokens = 0
-
-    @property
-    def prompt_tokens(self) -> int:
-        return len(self.request.prompt)
+        self.prompt_tokens = len(prompt) if prompt_tokens is None else prompt_tokens
+        """Tokens of the prompt as the model sees it (each image's features counted)."""
 
 
 def _submit(runs: list[_Run]) -> AsyncIterator[tuple[int, list]]:

@@ -54,6 +54,19 @@ class ServerConfig:
     """Requests that may wait for a row; more are refused with 429."""
     max_body_bytes: int = 8 << 20
     """Largest request body accepted."""
+    max_images_per_request: int = 8
+    """Vision-language models: most images (image_url parts) per chat request."""
+    max_image_pixels: int = 50_000_000
+    """Most pixels (height x width) of one image; bigger ones are refused (400) before they
+    are decoded."""
+    max_image_bytes: int = 20_000_000
+    """Most bytes of one encoded image (a data: URL's, or a fetched one's)."""
+    allow_remote_images: bool = False
+    """Fetch http(s) image URLs of chat requests. Off, only data: URLs are taken; on, the
+    server fetches whatever address a client names (one it can reach and the client may
+    not: turn it on only for trusted clients)."""
+    remote_image_timeout_s: float = 10.0
+    """Seconds a remote image may take to fetch (with --allow-remote-images)."""
     reasoning_parser: str | None = None
     """Split chat output into reasoning_content and content: minimax-m1."""
     shutdown_grace_s: float = 30.0
@@ -64,7 +77,8 @@ class ServerConfig:
     def validate(self) -> ServerConfig:
         """Raises ValueError naming the field that is out of range; returns self."""
         for name in ("max_num_seqs", "max_prefill_tokens", "prefill_chunk", "prefix_block",
-                     "max_waiting", "max_body_bytes"):  # fmt: skip
+                     "max_waiting", "max_body_bytes", "max_images_per_request",
+                     "max_image_pixels", "max_image_bytes"):  # fmt: skip
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1, got {getattr(self, name)}")
         for name in ("threads", "max_model_len", "prefix_cache_bytes", "port"):
@@ -74,6 +88,10 @@ class ServerConfig:
             raise ValueError(f"quantize must be none or int8, got {self.quantize!r}")
         if self.port > 65535:
             raise ValueError(f"port must be in [0, 65535], got {self.port}")
+        if not self.remote_image_timeout_s > 0:
+            raise ValueError(
+                f"remote_image_timeout_s must be > 0, got {self.remote_image_timeout_s}"
+            )
         if self.shutdown_grace_s < 0:
             raise ValueError(f"shutdown_grace_s must be >= 0, got {self.shutdown_grace_s}")
         if self.reasoning_parser not in (None, *REASONING_PARSER_NAMES):

@@ -231,7 +231,7 @@ class AsyncEngine:
     def _admitted(self, request: Request) -> None:
         self._settle(request)
         m = self.metrics
-        m.prompt_tokens.inc(len(request.prompt))
+        m.prompt_tokens.inc(request.prompt_tokens)
         if self.runner.prefix_cache is not None:
             m.prefix_queries.inc()
             m.prefix_bytes.set(self.runner.prefix_cache.nbytes)

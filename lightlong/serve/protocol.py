@@ -17,10 +17,11 @@ import json
 import math
 import secrets
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, NamedTuple
 
 from lightlong.infer.sampling import MAX_LOGPROBS, SamplingParams
+from lightlong.model.image import IMAGE_PLACEHOLDER  # an image part's text in a message
 
 DONE = b"data: [DONE]\n\n"
 """The event that ends every stream."""
@@ -34,6 +35,9 @@ MIN_LOGPROB = -9999.0
 CHAT_ROLES = ("system", "user", "assistant", "tool", "developer")
 """Roles a chat message may have; "developer" (OpenAI's newer name) is passed on as "system",
 the role chat templates know."""
+
+IMAGE_DETAILS = ("auto", "low", "high")
+"""Values of an image part's `detail` (accepted; every image is tiled alike)."""
 
 _SEED_RANGE = (-(2**63), 2**63)
 _RESERVED_TEMPLATE_KWARGS = ("messages", "add_generation_prompt")
@@ -96,6 +100,17 @@ class APIError(Exception):
         }
 
 
+class ImagePart(NamedTuple):
+    """One `image_url` content part of a chat request."""
+
+    url: str
+    """A `data:image/...;base64,...` URL, or an http(s) URL."""
+    detail: str
+    """"auto", "low" or "high" (OpenAI's; every image is tiled alike here)."""
+    param: str
+    """Where it is in the request, e.g. "messages[0].content[1].image_url"."""
+
+
 @dataclass(frozen=True)
 class Limits:
     """What the server allows per request."""
@@ -108,6 +123,8 @@ class Limits:
     """Token ids (prompts, stop_token_ids) must be in [0, vocab_size)."""
     max_stop: int = 8
     """Most stop strings."""
+    max_images: int = 0
+    """Most images per chat request; 0: the model takes none (image parts are refused)."""
 
 
 # -- field readers ----------------------------------------------------------------------------
@@ -287,7 +304,10 @@ class ChatRequest(_Request):
     """A parsed POST /v1/chat/completions body."""
 
     messages: list[dict[str, str]]
-    """`{"role", "content"}` with content as one string (text parts joined)."""
+    """`{"role", "content"}` with content as one string: text parts joined, each image part
+    written as `IMAGE_PLACEHOLDER` where it stood."""
+    images: list[ImagePart] = field(default_factory=list)
+    """The image parts of every message, in the order their placeholders appear."""
     add_generation_prompt: bool
     chat_template_kwargs: dict[str, Any]
     """Extra variables for the chat template."""
@@ -404,22 +424,52 @@ def parse_completion_request(body: Any, *, limits: Limits) -> CompletionRequest:
     return request
 
 
-def _content(v: Any, param: str, role: str) -> str:
-    """A message's content: a string, or the texts of a list of text parts joined."""
+def _image_part(part: dict[str, Any], param: str) -> ImagePart:
+    """An `{"type": "image_url", "image_url": {"url": ..., "detail": ...}}` part, its fields
+    checked (the URL itself is read later, by `lightlong.serve.images`)."""
+    image_url = part.get("image_url")
+    where = f"{param}.image_url"
+    if not isinstance(image_url, dict) or not isinstance(image_url.get("url"), str):
+        raise _bad(where, 'an object {"url": "data:image/...;base64,..." or "https://..."}',
+                   image_url)  # fmt: skip
+    if not image_url["url"]:
+        raise _bad(where, "an object with a non-empty url", image_url)
+    detail = image_url.get("detail")
+    if detail is not None and detail not in IMAGE_DETAILS:
+        raise _bad(f"{where}.detail", f"one of {', '.join(IMAGE_DETAILS)}", detail)
+    return ImagePart(image_url["url"], detail or "auto", where)
+
+
+def _content(v: Any, param: str, role: str, images: list[ImagePart], max_images: int) -> str:
+    """A message's content: a string, or its parts' texts joined, each image part written as
+    `IMAGE_PLACEHOLDER` (its image appended to `images`)."""
     if isinstance(v, str):
         return v
     if v is None and role == "assistant":  # OpenAI allows it (a turn with only tool calls)
         return ""
-    expected = 'a string or a list of {"type": "text", "text": ...} parts'
+    if max_images:
+        expected = 'a string or a list of {"type": "text"} and {"type": "image_url"} parts'
+    else:
+        expected = 'a string or a list of {"type": "text", "text": ...} parts'
     if not isinstance(v, list):
         raise _bad(param, expected, v)
     texts = []
-    for part in v:
-        if not isinstance(part, dict) or part.get("type") != "text":
-            kind = part.get("type") if isinstance(part, dict) else part
+    for j, part in enumerate(v):
+        kind = part.get("type") if isinstance(part, dict) else part
+        if kind == "image_url" and not max_images:
             raise APIError.invalid(
-                f"{param} must be {expected}; only text parts are supported, got {_show(kind)}",
+                f"{param}[{j}] is an image, but this model takes no images (it is not a "
+                "vision-language model): send text parts only",
                 param,
+            )
+        if kind == "image_url":
+            images.append(_image_part(part, f"{param}[{j}]"))
+            texts.append(IMAGE_PLACEHOLDER)
+            continue
+        if kind != "text":
+            supported = "text and image_url parts are" if max_images else "only text parts are"
+            raise APIError.invalid(
+                f"{param} must be {expected}; {supported} supported, got {_show(kind)}", param
             )
         if not isinstance(part.get("text"), str):
             raise _bad(param, "text parts with a string text", part)
@@ -427,19 +477,27 @@ def _content(v: Any, param: str, role: str) -> str:
     return "".join(texts)
 
 
-def _messages(v: Any) -> list[dict[str, str]]:
+def _messages(v: Any, max_images: int = 0) -> tuple[list[dict[str, str]], list[ImagePart]]:
+    """The messages, and their image parts in order (at most `max_images`)."""
     if not isinstance(v, list) or not v:
         raise _bad("messages", "a non-empty list of message objects", v)
-    messages = []
+    messages: list[dict[str, str]] = []
+    images: list[ImagePart] = []
     for i, m in enumerate(v):
         if not isinstance(m, dict):
             raise _bad(f"messages[{i}]", "an object with role and content", m)
         role = m.get("role")
         if role not in CHAT_ROLES:
             raise _bad(f"messages[{i}].role", f"one of {', '.join(CHAT_ROLES)}", role)
-        content = _content(m.get("content"), f"messages[{i}].content", role)
+        content = _content(m.get("content"), f"messages[{i}].content", role, images, max_images)
         messages.append({"role": "system" if role == "developer" else role, "content": content})
-    return messages
+    if len(images) > max_images:
+        raise APIError.invalid(
+            f"the messages hold {len(images)} images, more than the {max_images} allowed per "
+            "request (--max-images-per-request)",
+            images[max_images].param,
+        )
+    return messages, images
 
 
 def parse_chat_request(body: Any, *, limits: Limits) -> ChatRequest:
@@ -449,7 +507,7 @@ def parse_chat_request(body: Any, *, limits: Limits) -> ChatRequest:
     """
     body = _object(body)
     _reject_unsupported(body, ("tools", "functions", "logit_bias", "response_format"))
-    messages = _messages(body.get("messages"))
+    messages, images = _messages(body.get("messages"), limits.max_images)
     max_tokens = _int(body, "max_tokens", 1, limits.max_tokens, None)
     max_completion = _int(body, "max_completion_tokens", 1, limits.max_tokens, None)
     kwargs = body.get("chat_template_kwargs")
@@ -474,6 +532,7 @@ def parse_chat_request(body: Any, *, limits: Limits) -> ChatRequest:
     return ChatRequest(
         **_common(body, limits, max_completion if max_completion is not None else max_tokens),
         messages=messages,
+        images=images,
         add_generation_prompt=_bool(body, "add_generation_prompt", True),
         chat_template_kwargs=kwargs,
         logprobs=logprobs,

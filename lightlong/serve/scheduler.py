@@ -19,6 +19,7 @@ from collections import deque
 from dataclasses import dataclass, field
 
 from lightlong.infer import Runner, SamplingParams, Seq, StreamEvent
+from lightlong.model.image import ProcessedImage
 
 
 class QueueFull(Exception):
@@ -40,6 +41,14 @@ class Request:
     """When its prefill finished (time.monotonic)."""
     finished: int = 0
     """Choices that ended."""
+    images: list[ProcessedImage] = field(default_factory=list)
+    """A vision-language model's images, one per image token of `prompt`, in order."""
+
+    @property
+    def prompt_tokens(self) -> int:
+        """Tokens of the prompt as the model runs it: each image token expanded to its
+        image's features once the seqs are made."""
+        return len(self.seqs[0].prompt) if self.seqs else len(self.prompt)
 
     @property
     def reused(self) -> int:
@@ -95,7 +104,9 @@ class Scheduler:
             raise QueueFull(f"{len(self.waiting)} requests are waiting already")
         seed = request.seed if request.seed is not None else secrets.randbits(62)
         request.seqs = [
-            self.runner.new_seq(request.prompt, request.params, seed=seed + i, index=i)
+            self.runner.new_seq(
+                request.prompt, request.params, seed=seed + i, index=i, images=request.images
+            )
             for i in range(request.n)
         ]
         for seq in request.seqs:

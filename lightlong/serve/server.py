@@ -15,19 +15,22 @@ import torch
 import uvicorn
 
 from lightlong.infer import HybridCache, PrefixCache, Runner
-from lightlong.model import HybridLM
+from lightlong.model import HybridLM, HybridVLM
 from lightlong.model.source import (
     eos_token_ids,
     generation_config,
+    load_image_processor,
     load_model,
     load_model_tokenizer,
 )
+from lightlong.model.vision import text_model
 from lightlong.nn import Int8Linear
 from lightlong.runtime import check_device, parse_dtype
 from lightlong.serve.app import AppConfig, build_app
 from lightlong.serve.chat import REASONING_PARSERS, ChatTemplate
 from lightlong.serve.config import ServerConfig
 from lightlong.serve.engine import AsyncEngine
+from lightlong.serve.images import ImageReader, ImageSettings
 from lightlong.serve.metrics import Metrics
 from lightlong.tokenizer import Tokenizer
 from lightlong.units import size as nbytes
@@ -67,8 +70,10 @@ def run_server(cfg: ServerConfig) -> None:
     tokenizer = load_model_tokenizer(cfg.model, cfg.tokenizer)
     chat_template = ChatTemplate.for_tokenizer(tokenizer, cfg.chat_template)
     stop_ids = eos_token_ids(generation_config(cfg.model))
-    model = load_model(cfg.model, dtype=dtype, device=device, seed=cfg.seed, quantize=cfg.quantize)
-    c = model.config
+    model = load_model(
+        cfg.model, dtype=dtype, device=device, seed=cfg.seed, quantize=cfg.quantize, vision=True
+    )
+    c = text_model(model).config
     max_model_len = cfg.max_model_len or c.max_position_embeddings
     if max_model_len > c.max_position_embeddings:
         raise ValueError(
@@ -91,6 +96,7 @@ def run_server(cfg: ServerConfig) -> None:
         model_name=name, max_model_len=max_model_len, api_key=cfg.api_key,
         max_body_bytes=cfg.max_body_bytes,
         reasoning_parser=REASONING_PARSERS.get(cfg.reasoning_parser or ""),
+        image_reader=_image_reader(cfg, model), max_images=cfg.max_images_per_request,
     )  # fmt: skip
     app = build_app(engine, tokenizer, chat_template, app_config)
 
@@ -113,6 +119,19 @@ def run_server(cfg: ServerConfig) -> None:
     logging.getLogger("lightlong.serve").info("stopped")
 
 
+def _image_reader(cfg: ServerConfig, model: HybridLM | HybridVLM) -> ImageReader | None:
+    """What reads chat requests' images for a vision-language model (its checkpoint's
+    preprocessor_config.json, else its config's processor); None for a text model."""
+    if not isinstance(model, HybridVLM):
+        return None
+    processor = load_image_processor(cfg.model, model.config, max_pixels=cfg.max_image_pixels)
+    settings = ImageSettings(
+        max_pixels=cfg.max_image_pixels, max_bytes=cfg.max_image_bytes,
+        allow_remote=cfg.allow_remote_images, timeout_s=cfg.remote_image_timeout_s,
+    )  # fmt: skip
+    return ImageReader(processor, settings)
+
+
 def _bind(host: str, port: int) -> socket.socket:
     """A listening-ready TCP socket on host:port (IPv6 when host is an IPv6 address)."""
     family = socket.AF_INET6 if ":" in host else socket.AF_INET
@@ -130,11 +149,11 @@ def _bind(host: str, port: int) -> socket.socket:
 
 
 def _startup_lines(
-    cfg: ServerConfig, model: HybridLM, tokenizer: Tokenizer, chat_template: ChatTemplate,
-    max_model_len: int, name: str,
+    cfg: ServerConfig, model: HybridLM | HybridVLM, tokenizer: Tokenizer,
+    chat_template: ChatTemplate, max_model_len: int, name: str,
 ) -> str:  # fmt: skip
     """The model, its memory plan and the settings, for the log."""
-    c = model.config
+    c = text_model(model).config
     tensors = (*model.parameters(), *model.buffers())  # int8 weights are buffers
     weights = sum(t.numel() * t.element_size() for t in tensors)
     params = sum(p.numel() for p in model.parameters()) + sum(
@@ -156,6 +175,14 @@ def _startup_lines(
         f"prefill tokens per step, prefix snapshots every {cfg.prefix_block} tokens; "
         f"{'API key required' if cfg.api_key else 'no API key'}",
     ]
+    if isinstance(model, HybridVLM):
+        v = model.config.vision
+        lines.append(
+            f"lightlong serve: images: a {v.num_layers}-layer ViT on {v.image_size} px tiles; "
+            f"at most {cfg.max_images_per_request} per request, {cfg.max_image_pixels:,} "
+            f"pixels and {nbytes(cfg.max_image_bytes)} each; "
+            f"{'data: and http(s) URLs' if cfg.allow_remote_images else 'data: URLs only'}"
+        )
     return "\n".join(lines)
 
 
