@@ -167,3 +167,14 @@ def test_generate_help_explains_images(cli):
     assert "--image FILE" in joined
     assert "a prompt without '<image>' gets one '<image>' and a newline per image" in joined
     assert "--max-image-pixels" in joined and "(default: 50000000)" in joined
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [("train", "model=tiny-vl", "steps=1"), ("eval", "niah", "--model", "tiny-vl")],
+    ids=["train", "eval"],
+)
+def test_text_only_commands_refuse_a_vl_model(cli, argv):
+    code, _, err = cli(*argv)
+    assert code == 2
+    assert "'tiny-vl' is a vision-language model; this command runs text models" in err

@@ -15,10 +15,14 @@ import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from lightlong.bench.machine import describe_machine
 from lightlong.train.config import RecipeConfig, TrainConfig
 from lightlong.train.loop import Trainer
+
+if TYPE_CHECKING:
+    from lightlong.train.vl_demo import VLDemoConfig
 
 
 @dataclass
@@ -35,7 +39,13 @@ class DemoConfig(RecipeConfig):
     seed: int = 0
     """Weights and data seed."""
     out_dir: str = "runs/demo"
-    """report.json, loss.png, accuracy.png and each model's run directory."""
+    """report.json, loss.png, accuracy.png and each model's run directory (with --vl:
+    runs/demo-vl while this is left at runs/demo)."""
+    vl: bool = False
+    """Train the vision-language demo instead (lightlong.train.vl_demo: a tiny ViT and
+    projector in front of the tiny hybrid answering questions about drawn shapes, against a
+    text-only baseline; takes seed and out_dir from here, its own recipe from
+    VLDemoConfig's defaults; docs/vl-demo.md)."""
 
     def validate(self) -> DemoConfig:
         """Raises ValueError naming the field; returns self."""
@@ -50,8 +60,13 @@ class DemoConfig(RecipeConfig):
 
 
 def run_demo(cfg: DemoConfig) -> dict:
-    """Trains each preset, measures answer accuracy vs length, prints a table, writes a report."""
+    """Trains each preset, measures answer accuracy vs length, prints a table, writes a report
+    (with cfg.vl, runs the vision-language demo instead: `run_vl_demo`)."""
     cfg.validate()
+    if cfg.vl:
+        from lightlong.train.vl_demo import run_vl_demo
+
+        return run_vl_demo(vl_demo_config(cfg))
     out = Path(cfg.out_dir)
     results = {}
     for preset in cfg.presets:
@@ -95,6 +110,16 @@ def run_demo(cfg: DemoConfig) -> dict:
     print(f"\n{report['summary']}\n")
     print(f"wrote {out / 'report.json'}, {out / 'loss.png'}, {out / 'accuracy.png'}")
     return report
+
+
+def vl_demo_config(cfg: DemoConfig) -> VLDemoConfig:
+    """The vision-language demo's config for `lightlong demo --vl`: cfg's seed and out_dir
+    (runs/demo-vl in place of the default runs/demo), the rest VLDemoConfig's defaults."""
+    from lightlong.train.vl_demo import VLDemoConfig
+
+    default_out = DemoConfig.__dataclass_fields__["out_dir"].default
+    out_dir = VLDemoConfig.out_dir if cfg.out_dir == default_out else cfg.out_dir
+    return VLDemoConfig(seed=cfg.seed, out_dir=out_dir)
 
 
 def summarize(report: dict) -> str:

@@ -105,7 +105,7 @@ class Trainer:
         # ids of the expert-parallel shards (none without it): reduced and clipped apart
         self.expert_ids = set(map(id, expert_parameters(self.model).values()))
         self.optimizer = torch.optim.AdamW(
-            _param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
+            param_groups(self.model, cfg.weight_decay), lr=cfg.lr,
             betas=(cfg.beta1, cfg.beta2), fused=False,
         )  # fmt: skip
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self._lr_factor)
@@ -218,10 +218,7 @@ class Trainer:
 
     def _lr_factor(self, step: int) -> float:
         c = self.cfg
-        if step < c.warmup_steps:
-            return (step + 1) / (c.warmup_steps + 1)
-        progress = min(1.0, (step - c.warmup_steps) / max(1, c.steps - c.warmup_steps))
-        return c.min_lr_ratio + (1 - c.min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+        return lr_factor(step, c.warmup_steps, c.steps, c.min_lr_ratio)
 
     # -- training --------------------------------------------------------------------------
 
@@ -647,7 +644,16 @@ def _tensorboard(log_dir: Path):
     return SummaryWriter(log_dir=str(log_dir))
 
 
-def _param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
+def lr_factor(step: int, warmup_steps: int, steps: int, min_lr_ratio: float) -> float:
+    """The learning rate's multiplier at `step`: linear warm-up from 0, then cosine decay to
+    min_lr_ratio at `steps`."""
+    if step < warmup_steps:
+        return (step + 1) / (warmup_steps + 1)
+    progress = min(1.0, (step - warmup_steps) / max(1, steps - warmup_steps))
+    return min_lr_ratio + (1 - min_lr_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> list[dict]:
     """Weight decay on matrices (projections, experts, embeddings); none on norms."""
     params = dict(model.named_parameters())
     decay, rest = _decay_split(model)
