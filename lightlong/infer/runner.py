@@ -134,7 +134,7 @@ class Runner:
 
     def __init__(
         self,
-        model: HybridLM,
+        model: HybridLM | HybridVLM,
         tokenizer: Tokenizer | None = None,
         *,
         max_num_seqs: int,

@@ -552,16 +552,16 @@ class HybridVLM(nn.Module):
         c = self.config
         if not isinstance(input_ids, Tensor) or input_ids.dim() != 2:
             raise ValueError("input_ids must be an int tensor [B, T]")
-        if input_ids.numel():
-            lo, hi = (int(t) for t in torch.aminmax(input_ids))
+        mask = input_ids == c.image_token_id
+        need = 0
+        if input_ids.numel():  # the range and the <image> count in one device sync
+            lo, hi, need = torch.stack([input_ids.min(), input_ids.max(), mask.sum()]).tolist()
             if lo < 0 or hi >= c.text.vocab_size:
                 raise ValueError(f"input_ids must be in [0, vocab_size={c.text.vocab_size})")
         x = self.language_model.model.embed_tokens(input_ids)
-        mask = input_ids == c.image_token_id
         if isinstance(image_features, (list, tuple)):
             image_features = torch.cat(image_features) if image_features else None
         have = 0 if image_features is None else image_features.shape[0]
-        need = int(mask.sum())
         if have != need:
             raise ValueError(
                 f"input_ids hold {need} <image> tokens (id {c.image_token_id}) but {have} image "
