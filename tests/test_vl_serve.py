@@ -160,11 +160,25 @@ def vl() -> Iterator[Server]:
 
 class _Images(BaseHTTPRequestHandler):
     """A local image host: /a.png (PNGS[0]), /big.png (BIG), /page.html, /slow (answers
-    after SLOW_S), redirects /to-file and /to-ftp, anything else 404."""
+    after SLOW_S), /trickle (PNGS[0] a byte at a time, each well within the fetch timeout,
+    all of it over SLOW_S), /garbage (a reply that is not HTTP), redirects /to-file and
+    /to-ftp, anything else 404."""
 
     def do_GET(self) -> None:
         if self.path == "/slow":
             time.sleep(SLOW_S)
+        if self.path == "/garbage":
+            self.wfile.write(b"this is not HTTP\r\n\r\n")
+            return
+        if self.path == "/trickle":
+            self.send_response(200)
+            self.send_header("Content-Type", "image/png")
+            self.end_headers()
+            for _ in range(int(SLOW_S / 0.1)):
+                self.wfile.write(b"x")
+                self.wfile.flush()
+                time.sleep(0.1)
+            return
         redirects = {"/to-file": "file:///etc/passwd", "/to-ftp": "ftp://127.0.0.1/a.png"}
         if self.path in redirects:
             self.send_response(302)
@@ -330,6 +344,8 @@ def test_remote_images_with_the_flag(image_host, engine):
         assert_error(ask(s, f"{image_host}/to-ftp"), 400, param, "redirects to a ftp: URL")
         assert_error(ask(s, "file:///etc/passwd"), 400, param, "http(s)")
         assert_error(ask(s, f"{image_host}/slow"), 400, param, "timed out")
+        assert_error(ask(s, f"{image_host}/trickle"), 400, param, "timed out")
+        assert_error(ask(s, f"{image_host}/garbage"), 400, param, "fetching the image failed")
         over = f"more than the limit of {MAX_BYTES}"
         assert_error(ask(s, f"{image_host}/big.png"), 400, param, over)
         assert_error(ask(s, data_url(BIG)), 400, param, over)

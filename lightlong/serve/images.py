@@ -11,6 +11,8 @@ threads, never on the event loop.
 from __future__ import annotations
 
 import asyncio
+import http.client
+import time
 import urllib.error
 import urllib.parse
 import urllib.request
@@ -92,7 +94,8 @@ class ImageReader:
 
     def _open(self, url: str, param: str) -> Image.Image:
         s = self.settings
-        scheme = urllib.parse.urlsplit(url).scheme.lower() if ":" in url else ""
+        # not urlsplit: it caches its last calls, which would keep clients' data URLs alive
+        scheme = url[: url.find(":")].lower() if ":" in url[:16] else ""
         if scheme == "data":
             return decode_data_url(url, max_pixels=s.max_pixels, max_bytes=s.max_bytes)
         if scheme in REMOTE_SCHEMES:
@@ -132,12 +135,14 @@ class _HTTPOnlyRedirects(urllib.request.HTTPRedirectHandler):
 
 
 def fetch(url: str, *, max_bytes: int, timeout_s: float) -> bytes:
-    """The body of a GET of an http(s) URL, at most max_bytes long.
+    """The body of a GET of an http(s) URL, at most max_bytes long, within timeout_s in all
+    (each connection and read, and the whole body: a host trickling bytes is cut off).
 
     Raises:
         ImageError: the fetch fails (an HTTP error status, no connection, a timeout, a
-            redirect away from http(s)) or the body is over max_bytes.
+            malformed reply, a redirect away from http(s)) or the body is over max_bytes.
     """
+    deadline = time.monotonic() + timeout_s
     opener = urllib.request.build_opener(_HTTPOnlyRedirects())
     request = urllib.request.Request(url, headers={"User-Agent": _USER_AGENT})
     try:
@@ -147,11 +152,22 @@ def fetch(url: str, *, max_bytes: int, timeout_s: float) -> bytes:
                 raise ImageError(
                     f"the image is {int(declared)} bytes, more than the limit of {max_bytes}"
                 )
-            data = response.read(max_bytes + 1)
+            chunks, size = [], 0
+            while size <= max_bytes:
+                if time.monotonic() > deadline:
+                    raise ImageError(f"fetching the image timed out ({timeout_s:g} s in all)")
+                chunk = response.read1(min(1 << 16, max_bytes + 1 - size))
+                if not chunk:
+                    break
+                chunks.append(chunk)
+                size += len(chunk)
+            data = b"".join(chunks)
     except urllib.error.HTTPError as e:
         raise ImageError(f"fetching the image failed: HTTP {e.code} {e.reason}") from None
     except urllib.error.URLError as e:
         raise ImageError(f"fetching the image failed: {e.reason}") from None
+    except http.client.HTTPException as e:  # a reply that is not HTTP, a cut chunked body
+        raise ImageError(f"fetching the image failed: {type(e).__name__}: {e}") from None
     except (OSError, ValueError) as e:  # timeouts, resets, malformed URLs
         if isinstance(e, ImageError):
             raise
