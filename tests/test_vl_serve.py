@@ -464,3 +464,14 @@ def test_image_parts_become_placeholders_in_order():
     with pytest.raises(APIError) as e:
         parse_chat_request(body, limits=text_only)
     assert e.value.param == "messages[0].content" and "takes no images" in e.value.message
+
+
+@pytest.mark.timeout(120)
+@pytest.mark.parametrize("role", ["system", "assistant"])
+def test_images_only_in_user_messages(vl, role):
+    messages = [
+        {"role": role, "content": [text("see "), image(data_url(PNGS[0]))]},
+        {"role": "user", "content": "hi"},
+    ]
+    r = vl.http.post(CHAT, json={"model": MODEL, "messages": messages, "max_tokens": 2})
+    assert_error(r, 400, "messages[0].content[1]", f"an image in a '{role}' message")

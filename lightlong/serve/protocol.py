@@ -462,6 +462,11 @@ def _content(v: Any, param: str, role: str, images: list[ImagePart], max_images:
                 "vision-language model): send text parts only",
                 param,
             )
+        if kind == "image_url" and role != "user":  # as OpenAI: images come from the user
+            raise APIError.invalid(
+                f"{param}[{j}] is an image in a {role!r} message; images go in user messages",
+                f"{param}[{j}]",
+            )
         if kind == "image_url":
             images.append(_image_part(part, f"{param}[{j}]"))
             texts.append(IMAGE_PLACEHOLDER)
