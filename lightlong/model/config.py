@@ -322,21 +322,31 @@ class HybridConfig:
     @classmethod
     def from_json(cls, path: str | Path) -> HybridConfig:
         """Reads a `config.json` in any of the three formats."""
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 (byte offset {e.start})") from None
-        return cls.from_dict(d, source=str(path))
+        return cls.from_dict(read_json(path), source=str(path))
 
     def save_json(self, path: str | Path, *, format: str = "minimax") -> None:
         """Writes config.json: the released MiniMax-Text-01 format, or "transformers"'."""
-        if format not in CONFIG_FORMATS:
-            raise ValueError(f"format must be one of {CONFIG_FORMATS}, got {format!r}")
-        d = self.to_minimax_dict() if format == "minimax" else self.to_hf_dict()
-        Path(path).write_text(json.dumps(d, indent=2) + "\n")
+        write_config(self, path, format)
+
+
+def write_config(config: Any, path: str | Path, format: str) -> None:
+    """Writes a config's `to_minimax_dict()` ("minimax") or `to_hf_dict()` ("transformers")
+    as JSON."""
+    if format not in CONFIG_FORMATS:
+        raise ValueError(f"format must be one of {CONFIG_FORMATS}, got {format!r}")
+    d = config.to_minimax_dict() if format == "minimax" else config.to_hf_dict()
+    Path(path).write_text(json.dumps(d, indent=2) + "\n")
+
+
+def read_json(path: str | Path) -> Any:
+    """A JSON file's contents; ValueError naming the file when it is not UTF-8 JSON."""
+    path = Path(path)
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{path}: not UTF-8 (byte offset {e.start})") from None
 
 
 # Defaults of the released configuration class (MiniMaxText01Config / MiniMaxM1Config) and,

@@ -45,6 +45,8 @@ import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 from torch import Tensor
 
+from lightlong.model.config import read_json
+
 if TYPE_CHECKING:
     from lightlong.model.vision import VLConfig
     from lightlong.tokenizer import Tokenizer
@@ -369,12 +371,7 @@ class ImageProcessor:
         file = Path(path) / PREPROCESSOR_CONFIG
         if not file.is_file():
             return cls.for_config(config, max_pixels=max_pixels)
-        try:
-            d = json.loads(file.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file}: malformed JSON at line {e.lineno}: {e.msg}") from None
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{file}: not UTF-8 (byte offset {e.start})") from None
+        d = read_json(file)
         if not isinstance(d, dict):
             raise ValueError(f"{file}: expected a JSON object, got {type(d).__name__}")
         return cls._from_dict(d, config, str(file), max_pixels)

@@ -19,7 +19,7 @@ from lightlong.model.checkpoint import (
     complete_checkpoints,
     resolve_checkpoint,
 )
-from lightlong.model.config import PRESETS, HybridConfig
+from lightlong.model.config import PRESETS, HybridConfig, read_json
 from lightlong.model.hybrid import HybridLM
 from lightlong.model.image import ImageProcessor
 from lightlong.model.vision import VL_PRESETS, HybridVLM, VLConfig, is_vl_config
@@ -56,12 +56,9 @@ def resolve_model(ref: str | Path) -> HybridConfig | VLConfig | Path:
 def read_config(path: str | Path) -> HybridConfig | VLConfig:
     """A config.json of a text model (`HybridConfig`) or a vision-language one (`VLConfig`:
     it has a vision_config)."""
-    path = Path(path)
-    try:
-        d = json.loads(path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        d = None  # HybridConfig.from_json reports it
-    return VLConfig.from_json(path) if is_vl_config(d) else HybridConfig.from_json(path)
+    d = read_json(path)
+    cls = VLConfig if is_vl_config(d) else HybridConfig
+    return cls.from_dict(d, source=str(path))
 
 
 def _holds_checkpoint(path: Path) -> bool:

@@ -14,7 +14,6 @@ feature, which the features replace before the first decoder layer.
 from __future__ import annotations
 
 import dataclasses
-import json
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -25,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from lightlong.model.config import PRESETS, HybridConfig
+from lightlong.model.config import PRESETS, HybridConfig, read_json, write_config
 from lightlong.model.hybrid import HybridLM, LMOutput
 from lightlong.model.image import grid_shape, unpadded_rows_cols
 
@@ -305,19 +304,12 @@ class VLConfig:
 
     @classmethod
     def from_json(cls, path: str | Path) -> VLConfig:
-        path = Path(path)
-        try:
-            d = json.loads(path.read_text(encoding="utf-8"))
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path}: malformed JSON at line {e.lineno}: {e.msg}") from None
-        except UnicodeDecodeError as e:
-            raise ValueError(f"{path}: not UTF-8 (byte offset {e.start})") from None
-        return cls.from_dict(d, source=str(path))
+        """Reads a config.json: the released MiniMax-VL-01 one or transformers' llava_next."""
+        return cls.from_dict(read_json(path), source=str(path))
 
     def save_json(self, path: str | Path, *, format: str = "minimax") -> None:
         """Writes config.json: the released format, or "transformers"' llava_next."""
-        d = self.to_minimax_dict() if format == "minimax" else self.to_hf_dict()
-        Path(path).write_text(json.dumps(d, indent=2) + "\n")
+        write_config(self, path, format)
 
 
 def is_vl_config(d: Any) -> bool:
