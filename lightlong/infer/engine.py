@@ -35,6 +35,7 @@ from lightlong.infer.sampling import SamplingParams
 from lightlong.model import HybridLM, HybridVLM
 from lightlong.model.image import ImageProcessor, ProcessedImage, encode_with_images
 from lightlong.model.vision import text_model
+from lightlong.nn.decode import decode_layout
 from lightlong.tokenizer import Tokenizer
 
 Prompt = str | Sequence[int]
@@ -56,7 +57,8 @@ class Engine:
     """Generation with a `HybridLM`, or a `HybridVLM` with images.
 
     Args:
-        model: the model (put in eval mode by the engine).
+        model: the model (put in eval mode and its projections in the decode layout,
+            `lightlong.nn.decode_layout`, by the engine: same weights).
         tokenizer: turns text prompts into ids and ids into text; needed for text prompts,
             stop strings and text output. With a `HybridVLM`, "<image>" in a text prompt is
             its image token.
@@ -79,6 +81,7 @@ class Engine:
             raise ValueError(f"prefill_chunk must be >= 1, got {prefill_chunk}")
         check_tokenizer(model, tokenizer)
         self.model, self.tokenizer = model.eval(), tokenizer
+        decode_layout(text_model(model))
         self.prefill_chunk = prefill_chunk
         self.prefix_cache = (
             PrefixCache(prefill_chunk, prefix_cache_bytes) if prefix_cache_bytes else None

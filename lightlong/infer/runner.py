@@ -28,6 +28,7 @@ from lightlong.infer.sampling import SamplingParams, process_logits, sample, tok
 from lightlong.model import HybridLM, HybridVLM
 from lightlong.model.image import ProcessedImage, expand_image_tokens, grid_shape
 from lightlong.model.vision import text_model
+from lightlong.nn.decode import decode_layout
 from lightlong.tokenizer import IncrementalDecoder, Tokenizer
 
 Prefilled = tuple[HybridCache, Tensor]
@@ -121,7 +122,8 @@ class Runner:
     """Prefill, admission and batched decode steps over a pool of `max_num_seqs` rows.
 
     Args:
-        model: the model (put in eval mode).
+        model: the model (put in eval mode, its projections in the decode layout:
+            `lightlong.nn.decode_layout`, same weights).
         tokenizer: for stop strings, text output and the end-of-text token.
         max_num_seqs: rows of the pool (sequences decoding at once).
         prefill_chunk: most tokens per prefill forward pass (bounds activation memory).
@@ -151,6 +153,7 @@ class Runner:
         self.model, self.tokenizer = model.eval(), tokenizer
         self.lm = text_model(model)
         """The text model (the model itself, or a vision-language model's)."""
+        decode_layout(self.lm)  # same weights, laid out for few-row products
         self.prefill_chunk, self.prefix_cache = prefill_chunk, prefix_cache
         eos = None if tokenizer is None else tokenizer.eos_token_id
         self.eos_ids = set(stop_token_ids) | ({eos} if eos is not None else set())

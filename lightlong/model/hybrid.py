@@ -241,7 +241,7 @@ class HybridLM(nn.Module):
         if cache is not None:
             cache.advance(new)
         h = self.model.norm(x)
-        if not isinstance(self.lm_head, nn.Linear) and labels is None and not self.fp32_lm_head:
+        if labels is None and not self.fp32_lm_head:  # the head as a module: any layout
             return LMOutput(logits=self.lm_head(_keep(h, logits_to_keep)), aux_loss=aux)
         head = self.lm_head.weight if isinstance(self.lm_head, nn.Linear) else (
             self.lm_head.dequantize()

@@ -88,7 +88,7 @@ def quantize_weight(w: Tensor, scale_dtype: torch.dtype | None = None) -> tuple[
     s_O = (w32.abs().amax(dim=1) / _QMAX).to(scale_dtype)
     s_O = s_O.clamp(min=torch.finfo(scale_dtype).tiny)
     q_OI = torch.round(w32 / s_O.to(w32.dtype)[:, None]).clamp_(-_QMAX, _QMAX)
-    return q_OI.to(torch.int8), s_O
+    return q_OI.to(torch.int8).contiguous(), s_O  # row-major whatever w's layout
 
 
 class Int8Linear(nn.Module):
@@ -265,7 +265,7 @@ def quantize_int8(
     found = replaced = 0
     for owner_name, owner in list(model.named_modules()):
         for name, child in list(owner.named_children()):
-            if type(child) is not nn.Linear or not _quantizable(owner, name, child):
+            if not isinstance(child, nn.Linear) or not _quantizable(owner, name, child):
                 continue
             found += 1
             qualified = f"{owner_name}.{name}" if owner_name else name
