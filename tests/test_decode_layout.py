@@ -20,7 +20,7 @@ from torch import nn
 from lightlong import HybridConfig, HybridLM
 from lightlong.infer import Engine, HybridCache, SamplingParams
 from lightlong.nn import DecodeLinear, Int8Linear, decode_layout, quantize_int8
-from lightlong.nn.decode import MAX_ROWS
+from lightlong.nn.decode import MAX_ROWS, linear_group
 
 TINY = HybridConfig.from_preset("tiny")
 
@@ -197,3 +197,78 @@ def test_runner_lays_out_the_model(threads):
             want.append(int(logits[0, -1].argmax()))
             logits = ref(torch.tensor([[want[-1]]]), cache=cache).logits
     assert got[0].token_ids == want
+
+
+def _fused_model() -> tuple[HybridLM, HybridLM]:
+    """(a tiny model laid out for decoding, an untouched copy of it)."""
+    ref = make(TINY)
+    model = copy.deepcopy(ref)
+    decode_layout(model)
+    return model, ref
+
+
+def test_projections_of_one_input_share_a_buffer(threads, bmm_calls):
+    threads(2)
+    model, ref = _fused_model()
+    attn, expert = (
+        model.model.layers[0].self_attn,
+        model.model.layers[0].block_sparse_moe.experts[1],
+    )
+    soft = model.model.layers[3].self_attn  # tiny's softmax layer
+    groups = [(attn, ("qkv_proj", "output_gate")), (expert, ("w1", "w3")),
+              (soft, ("q_proj", "k_proj", "v_proj"))]  # fmt: skip
+    x = torch.randn(1, 1, TINY.hidden_size)
+    for owner, names in groups:
+        linears = [getattr(owner, n) for n in names]
+        group = linears[0].group
+        assert group is not None and all(m.group is group for m in linears)
+        assert group.holds_weights()
+        O = sum(m.out_features for m in linears)
+        assert all(m.weight.stride() == (1, O) for m in linears)
+        refs = [dict(ref.named_modules())[_name(model, m)] for m in linears]
+        bmm_calls.clear()
+        with torch.no_grad():
+            got = linear_group(x, *linears)
+        assert len(bmm_calls) == 1  # one product for the group: its outputs share memory
+        assert len({y.untyped_storage().data_ptr() for y in got}) == 1
+        for y, r in zip(got, refs, strict=True):
+            assert_close(y, F.linear(x, r.weight), 1e-6, f"{names} fused")
+        with torch.enable_grad():
+            apart = linear_group(x, *linears)  # autograd on: one by one
+        assert len({y.untyped_storage().data_ptr() for y in apart}) == len(linears)
+        assert all(y.requires_grad for y in apart)
+
+
+def _name(model: nn.Module, module: nn.Module) -> str:
+    return next(n for n, m in model.named_modules() if m is module)
+
+
+def test_layout_repaired_after_deepcopy_and_steps_aside_when_weights_change(threads, bmm_calls):
+    threads(2)
+    model, ref = _fused_model()
+    twin = copy.deepcopy(model)  # Parameters clone their data: the buffer is not shared
+    expert = twin.model.layers[1].block_sparse_moe.experts[0]
+    assert expert.w1.group.members == (expert.w1, expert.w3)  # the copy's own modules
+    assert not expert.w1.group.holds_weights()
+    x = torch.randn(1, TINY.hidden_size)
+    with torch.no_grad():
+        apart = linear_group(x, expert.w1, expert.w3)  # right, one by one
+    assert len({y.untyped_storage().data_ptr() for y in apart}) == 2
+    assert decode_layout(twin) == 0  # nothing to replace, the layout repaired
+    assert expert.w1.group.holds_weights() and expert.w1.weight.stride(0) == 1
+    assert twin.lm_head.weight.stride(0) == 1
+    # replace one weight: the buffer no longer holds it, and the group runs one by one
+    new_w3 = torch.randn_like(expert.w3.weight)
+    expert.w3.load_state_dict({"weight": new_w3}, assign=True)
+    assert not expert.w1.group.holds_weights()
+    with torch.no_grad():
+        h1, h3 = linear_group(x, expert.w1, expert.w3)
+    assert_close(h3, F.linear(x, new_w3), 1e-6, "replaced weight")
+    w1_ref = ref.model.layers[1].block_sparse_moe.experts[0].w1.weight
+    assert_close(h1, F.linear(x, w1_ref), 1e-6, "its neighbour")
+    # a whole model converted: new tensors, right results
+    ids = torch.randint(0, TINY.vocab_size, (1, 9))
+    with torch.no_grad():
+        got = _prefill_decode(model.double(), ids, 3)
+        want = _prefill_decode(ref.double(), ids, 3)
+    assert_close(got, want, 1e-12, "float64 after the layout")

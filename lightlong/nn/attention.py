@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightlong.nn.decode import linear_group
 from lightlong.nn.norm import RMSNorm
 from lightlong.ops import (
     block_attention,
@@ -100,6 +101,9 @@ class LightningAttention(nn.Module):
     the gate, and with `decayed=False` without decay too (plain linear attention, normed).
     """
 
+    FUSED_INPUTS = (("qkv_proj", "output_gate"),)
+    """Projections of one input (`lightlong.nn.decode_layout` lays them side by side)."""
+
     def __init__(self, hidden_size: int, num_heads: int, head_dim: int, layer_idx: int,
                  num_layers: int, block_size: int, *, gated: bool = True,
                  decayed: bool = True, slope_heads: int | None = None):  # fmt: skip
@@ -145,7 +149,11 @@ class LightningAttention(nn.Module):
     def forward(self, x: Tensor, seq: SequenceInfo) -> Tensor:
         """x [B, T, D] -> [B, T, D]."""
         B, T, _ = x.shape
-        qkv_BTH3E = F.silu(self.qkv_proj(x)).view(B, T, self.num_heads, 3 * self.head_dim)
+        if self.gated:  # the gate's projection reads x too: one product where laid out so
+            qkv_BTX, gate_BTX = linear_group(x, self.qkv_proj, self.output_gate)
+        else:
+            qkv_BTX = self.qkv_proj(x)
+        qkv_BTH3E = F.silu(qkv_BTX).view(B, T, self.num_heads, 3 * self.head_dim)
         q, k, v = qkv_BTH3E.split(self.head_dim, dim=-1)
         decay = self.decay(x.device)
         if seq.cache is None and not self.gated:
@@ -176,7 +184,7 @@ class LightningAttention(nn.Module):
             state.copy_(final)
         o_BTX = self.norm(o_BTHE.reshape(B, T, -1))
         if self.gated:
-            o_BTX = torch.sigmoid(self.output_gate(x)) * o_BTX
+            o_BTX = torch.sigmoid(gate_BTX) * o_BTX
         return self.out_proj(o_BTX)
 
 
@@ -224,6 +232,9 @@ class CosformerAttention(nn.Module):
 class SoftmaxAttention(nn.Module):
     """Causal softmax attention with GQA and RoPE on the first `rotary_dim` dims of each head."""
 
+    FUSED_INPUTS = (("q_proj", "k_proj", "v_proj"),)
+    """Projections of one input (`lightlong.nn.decode_layout` lays them side by side)."""
+
     def __init__(
         self, hidden_size: int, num_heads: int, num_kv_heads: int, head_dim: int, layer_idx: int
     ):
@@ -238,9 +249,10 @@ class SoftmaxAttention(nn.Module):
     def forward(self, x: Tensor, seq: SequenceInfo) -> Tensor:
         """x [B, T, D] -> [B, T, D]."""
         B, T, _ = x.shape
-        q_BTHE = self.q_proj(x).view(B, T, self.num_heads, self.head_dim)
-        k_BTGE = self.k_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
-        v_BTGE = self.v_proj(x).view(B, T, self.num_kv_heads, self.head_dim)
+        q_BTX, k_BTX, v_BTX = linear_group(x, self.q_proj, self.k_proj, self.v_proj)
+        q_BTHE = q_BTX.view(B, T, self.num_heads, self.head_dim)
+        k_BTGE = k_BTX.view(B, T, self.num_kv_heads, self.head_dim)
+        v_BTGE = v_BTX.view(B, T, self.num_kv_heads, self.head_dim)
         q_BTHE, k_BTGE = apply_rotary(q_BTHE, *seq.rope), apply_rotary(k_BTGE, *seq.rope)
         return self.o_proj(self.attend(q_BTHE, k_BTGE, v_BTGE, seq).reshape(B, T, -1))
 

@@ -6,6 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from lightlong.nn.decode import linear_group
 from lightlong.ops.moe import grouped_experts, load_balancing_loss, route, top_k_gates
 from lightlong.parallel import (
     ExpertParallel,
@@ -18,6 +19,9 @@ from lightlong.parallel import (
 class Expert(nn.Module):
     """SwiGLU: w2(silu(w1 x) · w3 x); names as in MiniMax's checkpoint."""
 
+    FUSED_INPUTS = (("w1", "w3"),)
+    """Projections of one input (`lightlong.nn.decode_layout` lays them side by side)."""
+
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
         self.w1 = nn.Linear(hidden_size, intermediate_size, bias=False)
@@ -25,11 +29,15 @@ class Expert(nn.Module):
         self.w3 = nn.Linear(hidden_size, intermediate_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+        h1, h3 = linear_group(x, self.w1, self.w3)
+        return self.w2(F.silu(h1) * h3)
 
 
 class SharedMLP(nn.Module):
     """The released shared expert's SwiGLU: down_proj(silu(gate_proj x) · up_proj x)."""
+
+    FUSED_INPUTS = (("gate_proj", "up_proj"),)
+    """Projections of one input (`lightlong.nn.decode_layout` lays them side by side)."""
 
     def __init__(self, hidden_size: int, intermediate_size: int):
         super().__init__()
@@ -38,7 +46,8 @@ class SharedMLP(nn.Module):
         self.down_proj = nn.Linear(intermediate_size, hidden_size, bias=False)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        gate, up = linear_group(x, self.gate_proj, self.up_proj)
+        return self.down_proj(F.silu(gate) * up)
 
 
 class MoE(nn.Module):
