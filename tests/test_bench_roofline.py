@@ -284,6 +284,42 @@ def test_worker_decodes_with_int8_and_bf16_weights(tiny_checkpoint, monkeypatch)
         worker.measure_generate({**spec, "dtype": "float32", "quantize": "int4"})
 
 
+@pytest.mark.parametrize("mode", ["context", "batched"])
+def test_worker_prefills_once_and_keeps_the_best_of_repeated_decodes(
+    tiny_checkpoint, monkeypatch, mode
+):
+    from lightlong.infer import Engine
+
+    prefills, decodes = [], []  # prompt lengths; (prefilled?, decode tok/s) per generate
+    real_prefill, real_generate = Engine.prefill, Engine.generate
+
+    def prefill(self, prompt, **kwargs):
+        prefills.append(len(prompt))
+        return real_prefill(self, prompt, **kwargs)
+
+    def generate(self, prompts, params=None, **kwargs):
+        out = real_generate(self, prompts, params, **kwargs)
+        decodes.append((kwargs.get("prefilled") is not None, self.stats.decode_tok_s))
+        return out
+
+    monkeypatch.setattr(Engine, "prefill", prefill)
+    monkeypatch.setattr(Engine, "generate", generate)
+    spec = {"kind": "generate", "impl": "lightlong", "checkpoint": str(tiny_checkpoint),
+            "mode": mode, "context": 24, "new_tokens": 3, "batch": 2, "suffix": 1,
+            "prefill_chunk": 64, "device": "cpu", "dtype": "float32", "repeats": 3}  # fmt: skip
+    r = worker.measure_generate(spec)
+    assert not decodes[0][0]  # the warm-up
+    runs = decodes[1:]
+    assert all(pre for pre, _ in runs)  # every measured decode starts from prefilled caches
+    rates = [rate for _, rate in runs]
+    if mode == "context":
+        assert prefills == [24] and len(runs) == 3  # one prefill, three decodes
+        assert r["decode_tok_s"] == max(rates) and r["prefill_s"] > 0
+    else:  # one row, then two: each prompt prefilled once, each batch decoded 3 times
+        assert prefills == [24] * 3 and len(runs) == 6
+        assert r["decode_tok_s_b1"] == max(rates[:3]) and r["decode_tok_s_b2"] == max(rates[3:])
+
+
 def test_worker_trains_in_bf16_autocast(tiny_checkpoint):
     spec = {"kind": "train", "impl": "lightlong", "checkpoint": str(tiny_checkpoint), "T": 16,
             "tokens": 32, "device": "cpu"}  # fmt: skip
