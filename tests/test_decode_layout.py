@@ -272,3 +272,42 @@ def test_layout_repaired_after_deepcopy_and_steps_aside_when_weights_change(thre
         got = _prefill_decode(model.double(), ids, 3)
         want = _prefill_decode(ref.double(), ids, 3)
     assert_close(got, want, 1e-12, "float64 after the layout")
+
+
+def test_int8_projections_of_one_input_run_as_one_kernel_call(threads, monkeypatch):
+    """After quantize_int8, the engine's decode_layout lays each group's int8 rows and
+    scales side by side: one int8pack call per group, the same outputs as the members'."""
+    threads(2)
+    model = make(TINY)
+    quantize_int8(model)
+    decode_layout(model)
+    expert = model.model.layers[2].block_sparse_moe.experts[3]
+    attn = model.model.layers[1].self_attn
+    calls = []
+    real = torch._weight_int8pack_mm
+
+    def spy(x, w, s):
+        calls.append(tuple(w.shape))
+        return real(x, w, s)
+
+    monkeypatch.setattr(torch, "_weight_int8pack_mm", spy)
+    x = torch.randn(1, 1, TINY.hidden_size)
+    for linears in ((expert.w1, expert.w3), (attn.qkv_proj, attn.output_gate)):
+        group = linears[0].group
+        assert group is not None and group.holds_weights()
+        assert all(m.weight.is_contiguous() for m in linears)  # the kernel's layout
+        with torch.no_grad():
+            calls.clear()
+            got = linear_group(x, *linears)
+            assert calls == [(sum(m.out_features for m in linears), TINY.hidden_size)]
+            for y, m in zip(got, linears, strict=True):
+                assert_close(y, m(x), 1e-6, f"{type(m).__name__} fused")
+    ids = torch.randint(0, TINY.vocab_size, (2, 13))
+    ref = make(TINY)
+    quantize_int8(ref)
+    with torch.no_grad():
+        assert_close(_prefill_decode(model, ids, 4), _prefill_decode(ref, ids, 4), 1e-5,
+                     "int8 model, fused")  # fmt: skip
+    sd, sd_ref = model.state_dict(), ref.state_dict()
+    assert sd.keys() == sd_ref.keys()
+    assert all(torch.equal(sd[k], sd_ref[k]) for k in sd)

@@ -35,6 +35,7 @@ token mixers' projections, the experts', the LM head): `lightlong.infer.Engine` 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from itertools import accumulate
 
 import torch
 import torch.nn.functional as F
@@ -72,6 +73,17 @@ class DecodeLinear(nn.Linear):
             new.weight.data = new.weight.data.t().contiguous().t()
         return new
 
+    @classmethod
+    def over(cls, weight: Tensor) -> DecodeLinear:
+        """A bias-free DecodeLinear over `weight` [O, I] as it is (a frozen Parameter
+        sharing its memory: `fuse_inputs`' whole group)."""
+        new = cls.__new__(cls)
+        nn.Module.__init__(new)
+        new.out_features, new.in_features = weight.shape
+        new.weight = nn.Parameter(weight, requires_grad=False)
+        new.register_parameter("bias", None)
+        return new
+
     def forward(self, x: Tensor) -> Tensor:
         y = _split_product(x, self.weight.t())
         if y is None:
@@ -90,32 +102,33 @@ def linear_group(x: Tensor, *linears: nn.Module) -> tuple[Tensor, ...]:
         and not torch.is_grad_enabled()
         and group.holds_weights()
     ):
-        y = _split_product(x, group.buffer_IO)
-        if y is not None:
-            return y.split(group.sizes, dim=-1)
+        return group.whole(x).split(group.sizes, dim=-1)
     return tuple(m(x) for m in linears)
 
 
 @dataclass(frozen=True)
 class FusedGroup:
-    """DecodeLinears whose weights are views of one column-major buffer (`fuse_inputs`)."""
+    """Linears of one input whose weights are views of one buffer (`fuse_inputs`)."""
 
     members: tuple[nn.Module, ...]
-    buffer_IO: Tensor
-    """[I, ΣO]: the members' weights side by side (detached: no gradient)."""
-    offsets: tuple[int, ...]
-    """Where each member's weight starts in the buffer, in bytes."""
+    whole: nn.Module
+    """One module over the buffers, out_features ΣO: a DecodeLinear (the fp32 weights
+    side by side, column-major) or an Int8Linear (the int8 rows and their scales)."""
+    views: tuple[tuple[str, tuple[int, ...]], ...]
+    """Per tensor name ("weight", "scales"): where each member's starts in the whole's,
+    in bytes."""
     sizes: tuple[int, ...]
     """Each member's out_features."""
 
     def holds_weights(self) -> bool:
-        """Whether the members' weights are still the buffer's views (not replaced since:
-        moved, converted, loaded with assign=True); a deep copy keeps them so."""
-        base = self.buffer_IO.data_ptr()
-        return all(
-            m.weight.data_ptr() == base + off
-            for m, off in zip(self.members, self.offsets, strict=True)
-        )
+        """Whether the members' tensors are still views of the whole's (not replaced since:
+        moved, converted, deep-copied, loaded with assign=True)."""
+        for name, offsets in self.views:
+            base = getattr(self.whole, name).data_ptr()
+            for m, off in zip(self.members, offsets, strict=True):
+                if getattr(m, name).data_ptr() != base + off:
+                    return False
+        return True
 
 
 def _split_product(x: Tensor, w_IO: Tensor) -> Tensor | None:
@@ -150,22 +163,62 @@ def _parts(out_features: int) -> int:
 
 
 @torch.no_grad()
-def fuse_inputs(linears: list[DecodeLinear]) -> None:
-    """Moves the weights of DecodeLinears that read the same input into one column-major
-    buffer [I, ΣO], side by side in this order (each weight a view of it: same values,
-    same shapes), and marks them as a `FusedGroup` for `linear_group`."""
-    buffer_IO = torch.cat([m.weight.t() for m in linears], dim=1)
-    start = 0
-    for m in linears:
-        m.weight.data = buffer_IO[:, start : start + m.out_features].t()
-        start += m.out_features
-    base = buffer_IO.data_ptr()
-    group = FusedGroup(
-        tuple(linears), buffer_IO, tuple(m.weight.data_ptr() - base for m in linears),
-        tuple(m.out_features for m in linears),
-    )  # fmt: skip
+def fuse_inputs(linears: list[nn.Module]) -> None:
+    """Moves the weights of linears that read the same input — DecodeLinears, or
+    Int8Linears (`lightlong.nn.quant`) — into one buffer, side by side in this order (each
+    member's weight a view of it: same values, same shapes), and marks them as a
+    `FusedGroup` for `linear_group`. Column-major [I, ΣO] for DecodeLinears; row-major
+    int8 [ΣO, I] and scales [ΣO] for Int8Linears. ValueError if `_fusable` says no."""
+    from lightlong.nn.quant import Int8Linear  # quant imports the modules that use this
+
+    if not _fusable(linears):
+        raise ValueError("fuse_inputs: needs bias-free DecodeLinears or like Int8Linears")
+    sizes = tuple(m.out_features for m in linears)
+    if type(linears[0]) is DecodeLinear:
+        buffer_IO = torch.cat([m.weight.t() for m in linears], dim=1)
+        whole = DecodeLinear.over(buffer_IO.t())
+        names = ("weight",)
+        for m, (a, b) in zip(linears, _spans(sizes), strict=True):
+            m.weight.data = buffer_IO[:, a:b].t()
+    else:
+        first = linears[0]
+        whole = Int8Linear(
+            torch.cat([m.weight for m in linears]), torch.cat([m.scales for m in linears]),
+            dtype=first.dtype, backend=first.backend,
+        )  # fmt: skip
+        names = ("weight", "scales")
+        for m, (a, b) in zip(linears, _spans(sizes), strict=True):
+            m.weight, m.scales = whole.weight[a:b], whole.scales[a:b]
+    views = tuple(
+        (n, tuple(getattr(m, n).data_ptr() - getattr(whole, n).data_ptr() for m in linears))
+        for n in names
+    )
+    group = FusedGroup(tuple(linears), whole, views, sizes)
     for m in linears:
         m.group = group
+
+
+def _spans(sizes: tuple[int, ...]) -> list[tuple[int, int]]:
+    """[(start, end)] of consecutive blocks of these sizes."""
+    return [(e - n, e) for n, e in zip(sizes, accumulate(sizes), strict=True)]
+
+
+def _fusable(linears: list[nn.Module]) -> bool:
+    """Whether `fuse_inputs` can take these: all bias-free DecodeLinears, or all
+    bias-free Int8Linears of one backend and dtypes, on one device, of one in_features."""
+    from lightlong.nn.quant import Int8Linear
+
+    first = linears[0]
+    if len(linears) < 2 or any(
+        type(m) is not type(first) or m.bias is not None or m.in_features != first.in_features
+        for m in linears
+    ):
+        return False
+    if type(first) is DecodeLinear:
+        return len({(m.weight.dtype, m.weight.device) for m in linears}) == 1
+    return type(first) is Int8Linear and (
+        len({(m.backend, m.dtype, m.scales.dtype, m.weight.device) for m in linears}) == 1
+    )
 
 
 @torch.no_grad()
@@ -192,10 +245,10 @@ def decode_layout(model: nn.Module) -> int:
             elif type(child) is DecodeLinear and child.weight.stride(0) != 1:
                 child.weight.data = child.weight.data.t().contiguous().t()
         for names in getattr(owner, "FUSED_INPUTS", ()):
-            group = tuple(getattr(owner, n, None) for n in names)
-            if not all(type(m) is DecodeLinear and m.bias is None for m in group):
-                continue  # absent (an ungated layer), int8, or with a bias
+            group = [getattr(owner, n, None) for n in names]
+            if None in group or not _fusable(group):
+                continue  # absent (an ungated layer), a plain Linear, mixed, with a bias
             fused = group[0].group
-            if fused is None or fused.members != group or not fused.holds_weights():
-                fuse_inputs(list(group))
+            if fused is None or fused.members != tuple(group) or not fused.holds_weights():
+                fuse_inputs(group)
     return replaced

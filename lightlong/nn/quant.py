@@ -46,6 +46,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from lightlong.nn.attention import CosformerAttention, LightningAttention, SoftmaxAttention
+from lightlong.nn.decode import FusedGroup
 from lightlong.nn.moe import Expert, SharedMLP
 
 logger = logging.getLogger(__name__)
@@ -99,6 +100,10 @@ class Int8Linear(nn.Module):
     for (state dicts, `dequantize`); default the scales'. `backend`: "auto", "int8pack" or
     "torch" (module docstring). model.train() on a model holding one raises ValueError.
     """
+
+    group: FusedGroup | None = None
+    """The Int8Linears it shares its buffers with (`lightlong.nn.decode.fuse_inputs`), or
+    None."""
 
     def __init__(
         self,
