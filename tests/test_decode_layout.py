@@ -19,10 +19,17 @@ from torch import nn
 
 from lightlong import HybridConfig, HybridLM
 from lightlong.infer import Engine, HybridCache, SamplingParams
-from lightlong.nn import DecodeLinear, Int8Linear, decode_layout, quantize_int8
+from lightlong.nn import DecodeLinear, Int8Linear, decode, decode_layout, quantize_int8
 from lightlong.nn.decode import MAX_ROWS, linear_group
 
 TINY = HybridConfig.from_preset("tiny")
+
+
+@pytest.fixture(autouse=True)
+def split_small_weights(monkeypatch):
+    """Splits weights of any size here (the tests' are small; `MIN_SPLIT_BYTES` keeps
+    small weights whole in use, tested on its own)."""
+    monkeypatch.setattr(decode, "MIN_SPLIT_BYTES", 0)
 
 
 @pytest.fixture
@@ -68,7 +75,7 @@ def test_decode_linear_equals_linear(O, I, rows, bias, threads):
     assert_close(y, F.linear(x, ref_w, lin.bias), 1e-6, "DecodeLinear")
 
 
-def test_split_runs_for_few_fp32_rows_only(threads, bmm_calls):
+def test_split_runs_for_few_fp32_rows_only(threads, bmm_calls, monkeypatch):
     threads(2)
     dec = DecodeLinear.from_linear(linear(130, 64))  # 130 = 2 × 65
     dec(torch.randn(1, 64))
@@ -84,6 +91,10 @@ def test_split_runs_for_few_fp32_rows_only(threads, bmm_calls):
     DecodeLinear.from_linear(linear(130, 64))(torch.randn(1, 64))  # 130 % 4, 130 % 3: P = 2
     DecodeLinear.from_linear(linear(60, 64))(torch.randn(1, 64))  # 30 < MIN_PART: P = 1
     assert len(bmm_calls) == 3 and bmm_calls[-1] == (2, 64, 65)
+    threads(2)
+    monkeypatch.setattr(decode, "MIN_SPLIT_BYTES", 130 * 64 * 4 + 1)  # just over its bytes
+    DecodeLinear.from_linear(linear(130, 64))(torch.randn(1, 64))  # in cache: F.linear
+    assert len(bmm_calls) == 3
 
 
 def test_row_major_weight_falls_back(threads, bmm_calls):

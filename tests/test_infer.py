@@ -16,7 +16,7 @@ from conftest import assert_close
 from lightlong import HybridConfig, HybridLM
 from lightlong.infer import CacheSnapshot, Engine, HybridCache, PrefixCache, SamplingParams
 from lightlong.infer.sampling import process_logits, sample
-from lightlong.nn import decode_layout
+from lightlong.nn import decode, decode_layout
 from lightlong.ops import attention as attention_ops
 from lightlong.ops.attention import cached_attention
 from lightlong.ops.lightning.recurrent import lightning_attn_recurrent, lightning_attn_step
@@ -162,13 +162,14 @@ def decode_logits(model: HybridLM, ids_BT, prefill: int, drop_row_at: int | None
 
 @pytest.mark.slow  # compiles the layers: ~30-80 s on a CPU
 @pytest.mark.parametrize("layout", [False, True], ids=["row-major", "decode-layout"])
-def test_compiled_decode_matches_eager_decode(layout):
+def test_compiled_decode_matches_eager_decode(layout, monkeypatch):
     """`compile_decode`: the compiled step (lightning, softmax with growing KV, MoE for one
     token and for a batch) computes the eager step's logits, and a batch size that changes
     mid-decode is still right; prefill (T > 1) stays eager. Also with the projections in
     the decode layout (`lightlong.nn.decode_layout`, as the engine runs them)."""
     model = make_model(tiny(["lightning", "softmax"]))
-    if layout:
+    if layout:  # split even these small weights (`MIN_SPLIT_BYTES`)
+        monkeypatch.setattr(decode, "MIN_SPLIT_BYTES", 0)
         decode_layout(model)
     ids_BT = random_ids(12, batch=2, seed=8)
     eager = decode_logits(model, ids_BT, 5, drop_row_at=9)

@@ -48,13 +48,18 @@ MAX_ROWS = 32
 MIN_PART = 32
 """Output columns per part at least: narrower blocks are not worth a thread."""
 
+MIN_SPLIT_BYTES = 256 * 1024
+"""Weights smaller than this are not split: they sit in cache, where one `F.linear` is
+faster (the split made `tiny`, D = 64, decode 0.84× as fast; benchmarks/decode_layout.py)."""
+
 
 class DecodeLinear(nn.Linear):
     """An nn.Linear whose weight [O, I] is stored column-major; x [..., I] -> [..., O].
 
-    For at most `MAX_ROWS` rows of fp32 on the CPU the product runs as P column blocks in
-    one `torch.bmm` (P = threads, fewer when O is narrow or not divisible); otherwise, or
-    when the weight is not column-major (moved, loaded with assign=True), `F.linear`.
+    For at most `MAX_ROWS` rows of fp32 on the CPU and a weight of at least
+    `MIN_SPLIT_BYTES` the product runs as P column blocks in one `torch.bmm` (P = threads,
+    fewer when O is narrow or not divisible); otherwise, or when the weight is not
+    column-major (moved, loaded with assign=True), `F.linear`.
     Autograd works either way; state dicts are a Linear's.
     """
 
@@ -133,14 +138,15 @@ class FusedGroup:
 
 def _split_product(x: Tensor, w_IO: Tensor) -> Tensor | None:
     """x [..., I] @ w_IO [I, O] (rows of w_IO contiguous) as P column blocks in one
-    `torch.bmm`, for at most MAX_ROWS rows of fp32 on the CPU; None where that does not
-    apply (the caller multiplies as usual)."""
+    `torch.bmm`, for at most MAX_ROWS rows of fp32 on the CPU and weights of at least
+    MIN_SPLIT_BYTES; None where that does not apply (the caller multiplies as usual)."""
     I, O = w_IO.shape
     rows = x.numel() // I if I else 0
     parts = _parts(O)
     if (
         not 0 < rows <= MAX_ROWS
         or parts == 1
+        or I * O * w_IO.element_size() < MIN_SPLIT_BYTES
         or w_IO.dtype != torch.float32
         or x.dtype != torch.float32
         or w_IO.device.type != "cpu"
