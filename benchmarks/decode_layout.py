@@ -24,7 +24,8 @@ from pathlib import Path
 
 import torch
 
-from lightlong.bench.machine import describe_machine, measure_roofline
+from lightlong.bench.generate import decode_bound
+from lightlong.bench.machine import Roofline, describe_machine, measure_roofline
 from lightlong.bench.model import comparable_config
 from lightlong.bench.report import check_overwrite, write_results
 from lightlong.infer import HybridCache
@@ -46,9 +47,11 @@ def build(variant: str, base: HybridLM) -> HybridLM:
 
 
 @torch.no_grad()
-def measure(preset: str, context: int, rounds: int, steps: int) -> dict:
+def measure(preset: str, context: int, rounds: int, steps: int, roofline: Roofline) -> dict:
     """Interleaved decode steps of every variant of `preset` after a `context`-token prompt:
-    {variant: {"best_ms", "median_ms", "vs_fp32"}} plus the logits check."""
+    {variant: {"best_ms", "median_ms", "vs_fp32", "logits_rel_err", "of_bound"}}; of_bound:
+    the best step's tok/s over the bytes a token reads at the machine's matrix-vector
+    GB/s (`lightlong.bench.generate.decode_bound`, as `bench generate` counts them)."""
     torch.manual_seed(0)
     config = comparable_config(preset)
     base = HybridLM(config).eval()
@@ -72,8 +75,11 @@ def measure(preset: str, context: int, rounds: int, steps: int) -> dict:
     out = {}
     for v, ts in times.items():
         ratios = [a / b for a, b in zip(times["fp32"], ts, strict=True)]
+        bound = decode_bound(roofline, preset, context,
+                             quantize="int8" if v.startswith("int8") else None)  # fmt: skip
         out[v] = {"best_ms": 1e3 * min(ts), "median_ms": 1e3 * statistics.median(ts),
-                  "vs_fp32": statistics.median(ratios), "logits_rel_err": rel[v]}  # fmt: skip
+                  "vs_fp32": statistics.median(ratios), "logits_rel_err": rel[v],
+                  "of_bound": 1 / min(ts) / bound["decode_bound_tok_s"]}  # fmt: skip
     return out
 
 
@@ -99,13 +105,15 @@ def overhead_ms(preset: str, context: int, steps: int) -> float:
 
 
 def markdown(report: dict) -> str:
-    rows = ["| series | variant | best ms/token | median ms/token | tok/s (best) | × fp32 "
-            "(median of rounds) | logits vs fp32 |", "|---|---|---|---|---|---|---|"]  # fmt: skip
+    rows = ["| series | variant | best ms/token | median ms/token | tok/s (best) | of bound "
+            "| × fp32 (median of rounds) | logits vs fp32 |",
+            "|---|---|---|---|---|---|---|---|"]  # fmt: skip
     for preset, r in report["results"].items():
         for v, x in r.items():
             rows.append(
                 f"| {preset} | {v} | {x['best_ms']:.2f} | {x['median_ms']:.2f} | "
-                f"{1e3 / x['best_ms']:.1f} | {x['vs_fp32']:.2f} | {x['logits_rel_err']:.1e} |"
+                f"{1e3 / x['best_ms']:.1f} | {x['of_bound']:.2f} | {x['vs_fp32']:.2f} | "
+                f"{x['logits_rel_err']:.1e} |"
             )
     m = report["machine"]
     rows += [
@@ -113,7 +121,7 @@ def markdown(report: dict) -> str:
         f"machine: {m['cpu']}, {m['torch_threads']} threads, torch {m['torch']}; "
         f"{report['context']}-token prompt, {report['rounds']} rounds of {report['steps']} "
         "steps, variants interleaved in each round",
-        f"roofline: {report['roofline_summary']}",
+        report["roofline_summary"],
         "eager step with almost no bytes (every width cut to a sliver): "
         + ", ".join(f"{p} {ms:.2f} ms/token" for p, ms in report["overhead_ms"].items()),
     ]
@@ -153,7 +161,9 @@ def main() -> None:
         "benchmark": "decode-layout", "machine": describe_machine("cpu"),
         "roofline": roofline.to_dict(), "roofline_summary": roofline.summary(),
         "context": a.context, "rounds": a.rounds, "steps": a.steps,
-        "results": {preset: measure(preset, a.context, a.rounds, a.steps) for preset in a.presets},
+        "results": {
+            preset: measure(preset, a.context, a.rounds, a.steps, roofline) for preset in a.presets
+        },
         "overhead_ms": {preset: overhead_ms(preset, a.context, a.steps) for preset in a.presets},
     }  # fmt: skip
     text = markdown(report)

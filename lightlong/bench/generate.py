@@ -250,7 +250,7 @@ def _variant(key: str) -> str:
     return key.split(":", 1)[1]
 
 
-def _decode_bound(roofline: Roofline, variant: str, context: int, dtype: str = "float32",
+def decode_bound(roofline: Roofline, variant: str, context: int, dtype: str = "float32",
                   quantize: str | None = None) -> dict:  # fmt: skip
     """Bytes a decoded token reads and the tok/s they bound it to: at matrix-vector GB/s of
     the weights' dtype ("decode_bound_tok_s"; int8: the int8 matrices at the int8 kernel's
@@ -286,13 +286,13 @@ def _summarise(
     for key, rows in context_rows.items():
         for r in rows:
             T = r["context"]
-            r |= _decode_bound(roofline, _variant(key), T)
+            r |= decode_bound(roofline, _variant(key), T)
             r["decode_of_bound"] = fraction_of_bound(r["decode_tok_s"], r["decode_bound_tok_s"])
             r["prefill_of_gemm"] = _gemm_fraction(roofline, _variant(key), T, T / r["prefill_s"])
     for key, r in batched.items():
         if r:
             B, L = cfg.batch, cfg.batch_context
-            r |= _decode_bound(roofline, _variant(key), L)
+            r |= decode_bound(roofline, _variant(key), L)
             r["decode_of_bound_b1"] = fraction_of_bound(
                 r["decode_tok_s_b1"], r["decode_bound_tok_s"]
             )
@@ -304,7 +304,7 @@ def _summarise(
             and not e["quantize"]}  # fmt: skip
     for e in precision:
         r, variant = e["result"], _variant(e["series"])
-        e |= _decode_bound(roofline, variant, L, e["dtype"], e["quantize"])
+        e |= decode_bound(roofline, variant, L, e["dtype"], e["quantize"])
         if r is None:
             continue
         base = fp32.get(e["series"]) or {}
