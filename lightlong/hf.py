@@ -139,7 +139,18 @@ class MiniMaxText01ForCausalLM(PreTrainedModel, GenerationMixin):
         return False  # the model makes its own HybridCache on the first cached call
 
     def get_output_embeddings(self):
-        return self.lm_head
+        return self.__dict__["_hybrid"].lm_head  # itself, or its decode-layout replacement
+
+    def state_dict(self, *args: Any, **kwargs: Any) -> dict[str, Tensor]:
+        """The modules' state dict, with each tensor the decode layout
+        (`lightlong.nn.decode_layout`, which an Engine applies) left as a column-major view
+        copied into its own contiguous memory: transformers' save_pretrained reads each
+        tensor's memory span."""
+        sd = super().state_dict(*args, **kwargs)
+        for k, v in sd.items():
+            if not v.is_contiguous():
+                sd[k] = v.contiguous()
+        return sd
 
     def set_output_embeddings(self, new_embeddings) -> None:
         self.lm_head = self.__dict__["_hybrid"].lm_head = new_embeddings

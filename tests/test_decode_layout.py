@@ -259,13 +259,13 @@ def test_layout_repaired_after_deepcopy_and_steps_aside_when_weights_change(thre
     model, ref = _fused_model()
     twin = copy.deepcopy(model)  # Parameters clone their data: the buffer is not shared
     expert = twin.model.layers[1].block_sparse_moe.experts[0]
-    assert expert.w1.group.members == (expert.w1, expert.w3)  # the copy's own modules
-    assert not expert.w1.group.holds_weights()
+    assert expert.w1.group is None and expert.w3.group is None  # no copy of the buffer
     x = torch.randn(1, TINY.hidden_size)
     with torch.no_grad():
         apart = linear_group(x, expert.w1, expert.w3)  # right, one by one
     assert len({y.untyped_storage().data_ptr() for y in apart}) == 2
     assert decode_layout(twin) == 0  # nothing to replace, the layout repaired
+    assert expert.w1.group.members == (expert.w1, expert.w3)  # the copy's own modules
     assert expert.w1.group.holds_weights() and expert.w1.weight.stride(0) == 1
     assert twin.lm_head.weight.stride(0) == 1
     # replace one weight: the buffer no longer holds it, and the group runs one by one
@@ -322,3 +322,58 @@ def test_int8_projections_of_one_input_run_as_one_kernel_call(threads, monkeypat
     sd, sd_ref = model.state_dict(), ref.state_dict()
     assert sd.keys() == sd_ref.keys()
     assert all(torch.equal(sd[k], sd_ref[k]) for k in sd)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_only_fp32_weights_are_laid_out(dtype, threads):
+    """Column-major fp16 weights multiply ~10x slower on the CPU; bf16 and fp64 gain
+    nothing: other dtypes keep their Linears."""
+    threads(2)
+    model = make(TINY).to(dtype)
+    assert decode_layout(model) == 0
+    assert not any(isinstance(m, DecodeLinear) for m in model.modules())
+
+
+def test_moving_a_laid_out_model_drops_its_groups(threads):
+    """.to() / .double() give every weight a new tensor: the groups (and their buffers) go,
+    and decode_layout on the fp32 model lays it out again."""
+    threads(2)
+    model, ref = _fused_model()
+    experts = [layer.block_sparse_moe.experts[0] for layer in model.model.layers]
+    model.double()
+    assert all(e.w1.group is None and e.w3.group is None for e in experts)
+    model.float()
+    decode_layout(model)
+    assert all(e.w1.group is not None and e.w1.group.holds_weights() for e in experts)
+    ids = torch.randint(0, TINY.vocab_size, (1, 11))
+    with torch.no_grad():
+        assert_close(_prefill_decode(model, ids, 3), _prefill_decode(ref, ids, 3), 1e-5,
+                     "moved and laid out again")  # fmt: skip
+
+
+def test_hooks_keep_firing(threads):
+    threads(2)
+    model = make(TINY)
+    attn = model.model.layers[0].self_attn
+    seen = []
+    attn.qkv_proj.register_forward_hook(lambda m, args, out: seen.append("before"))
+    decode_layout(model)
+    assert isinstance(attn.qkv_proj, DecodeLinear) and not attn.qkv_proj.training
+    attn.output_gate.register_forward_hook(lambda m, args, out: seen.append("after"))
+    ids = torch.randint(0, TINY.vocab_size, (1, 5))
+    with torch.no_grad():
+        _prefill_decode(model, ids, 2)  # hooked: the group runs one by one
+    assert seen.count("before") == 3 and seen.count("after") == 3
+
+
+@pytest.mark.slow  # compiles an expert: ~10-30 s on a CPU
+def test_a_laid_out_expert_compiles_as_one_graph(threads):
+    threads(2)
+    model = make(TINY)
+    decode_layout(model)
+    expert = model.model.layers[0].block_sparse_moe.experts[0]
+    x = torch.randn(1, TINY.hidden_size)
+    with torch.no_grad():
+        want = expert(x)
+        got = torch.compile(expert, fullgraph=True, dynamic=False)(x)
+    assert_close(got, want, 1e-5, "compiled laid-out expert")

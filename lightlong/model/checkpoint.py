@@ -260,6 +260,12 @@ _SAFETENSORS_DTYPES = {
 }
 
 
+def _plain(shard: dict[str, Tensor]) -> dict[str, Tensor]:
+    """The shard's tensors contiguous, each in its own memory, on the CPU (safetensors
+    writes no views: a laid-out model's weights are column-major views of shared buffers)."""
+    return {k: v.contiguous().cpu() for k, v in shard.items()}
+
+
 def _tied_head(config: HybridConfig | VLConfig) -> str | None:
     """The LM head's parameter name when it shares the embedding (not stored), else None."""
     if isinstance(config, VLConfig):
@@ -327,7 +333,9 @@ def save_weights(
             f"{text.vocab_size}"
         )
     tied = _tied_head(config)
-    state = {k: v.detach().contiguous().cpu() for k, v in state_dict.items() if k != tied}
+    state = {k: v.detach() for k, v in state_dict.items() if k != tied}  # made contiguous
+    # and moved shard by shard below: a laid-out model (`lightlong.nn.decode_layout`) is
+    # not copied whole at once
     shards: list[dict[str, Tensor]] = [{}]
     size = 0
     for key, t in state.items():
@@ -350,12 +358,12 @@ def save_weights(
                       "eos_token_id": eos, "pad_token_id": eos}  # fmt: skip
         (tmp / GENERATION_FILE).write_text(json.dumps(generation, indent=2) + "\n")
         if len(shards) == 1:
-            save_file(shards[0], tmp / SINGLE_FILE, metadata={"format": "pt"})
+            save_file(_plain(shards[0]), tmp / SINGLE_FILE, metadata={"format": "pt"})
         else:
             weight_map = {}
             for i, shard in enumerate(shards):
                 name = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-                save_file(shard, tmp / name, metadata={"format": "pt"})
+                save_file(_plain(shard), tmp / name, metadata={"format": "pt"})
                 weight_map.update(dict.fromkeys(shard, name))
             total = sum(t.numel() * t.element_size() for t in state.values())
             index = {"metadata": {"total_size": total}, "weight_map": weight_map}

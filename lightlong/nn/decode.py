@@ -74,6 +74,9 @@ class DecodeLinear(nn.Linear):
         nn.Module.__init__(new)
         new.in_features, new.out_features = linear.in_features, linear.out_features
         new.weight, new.bias = linear.weight, linear.bias
+        new.training = linear.training
+        for hooks in _HOOKS:  # hooks registered on the Linear keep firing
+            getattr(new, hooks).update(getattr(linear, hooks))
         with torch.no_grad():
             new.weight.data = new.weight.data.t().contiguous().t()
         return new
@@ -90,10 +93,14 @@ class DecodeLinear(nn.Linear):
         return new
 
     def forward(self, x: Tensor) -> Tensor:
-        y = _split_product(x, self.weight.t())
+        y = None if torch.compiler.is_compiling() else _split_product(x, self.weight.t())
         if y is None:
             return F.linear(x, self.weight, self.bias)
         return y if self.bias is None else y + self.bias
+
+    def _apply(self, fn, recurse: bool = True):  # .to(), .cuda(), .half(): new tensors
+        self.group = None  # and the old buffer is not kept alive by the group
+        return super()._apply(fn, recurse)
 
 
 def linear_group(x: Tensor, *linears: nn.Module) -> tuple[Tensor, ...]:
@@ -105,10 +112,24 @@ def linear_group(x: Tensor, *linears: nn.Module) -> tuple[Tensor, ...]:
         group is not None
         and group.members == linears
         and not torch.is_grad_enabled()
+        and not torch.compiler.is_compiling()
+        and not _hooked(linears)
         and group.holds_weights()
     ):
         return group.whole(x).split(group.sizes, dim=-1)
     return tuple(m(x) for m in linears)
+
+
+_HOOKS = ("_forward_pre_hooks", "_forward_hooks", "_forward_hooks_with_kwargs",
+          "_forward_hooks_always_called", "_forward_pre_hooks_with_kwargs")  # fmt: skip
+"""A module's forward hook dicts (`DecodeLinear.from_linear` carries them over)."""
+
+
+def _hooked(linears: tuple[nn.Module, ...]) -> bool:
+    """Whether a forward hook would see these modules called (then they run one by one)."""
+    return any(m._forward_hooks or m._forward_pre_hooks for m in linears) or bool(
+        nn.modules.module._global_forward_hooks or nn.modules.module._global_forward_pre_hooks
+    )
 
 
 @dataclass(frozen=True)
@@ -124,6 +145,11 @@ class FusedGroup:
     in bytes."""
     sizes: tuple[int, ...]
     """Each member's out_features."""
+
+    def __deepcopy__(self, memo: dict) -> None:
+        """A deep copy of the members holds its own tensors: the copy has no group (its
+        `decode_layout` fuses it anew) and no copy of the buffers."""
+        return None
 
     def holds_weights(self) -> bool:
         """Whether the members' tensors are still views of the whole's (not replaced since:
@@ -142,16 +168,18 @@ def _split_product(x: Tensor, w_IO: Tensor) -> Tensor | None:
     MIN_SPLIT_BYTES; None where that does not apply (the caller multiplies as usual)."""
     I, O = w_IO.shape
     rows = x.numel() // I if I else 0
-    parts = _parts(O)
     if (
         not 0 < rows <= MAX_ROWS
-        or parts == 1
+        or x.shape[-1] != I
         or I * O * w_IO.element_size() < MIN_SPLIT_BYTES
         or w_IO.dtype != torch.float32
         or x.dtype != torch.float32
         or w_IO.device.type != "cpu"
         or w_IO.stride(1) != 1
     ):
+        return None
+    parts = _parts(O)
+    if parts == 1:
         return None
     w_PIo = w_IO.unflatten(1, (parts, O // parts)).transpose(0, 1)
     y_PNo = torch.bmm(x.reshape(1, rows, I).expand(parts, rows, I), w_PIo)
@@ -204,6 +232,13 @@ def fuse_inputs(linears: list[nn.Module]) -> None:
         m.group = group
 
 
+def _laid_out_dtype(w: Tensor) -> bool:
+    """Whether a weight gets the layout: fp32 on the CPU (where it was measured faster;
+    column-major fp16 weights multiply 10× slower there, and on a GPU the layout is
+    nothing but a copy)."""
+    return w.dtype == torch.float32 and w.device.type == "cpu"
+
+
 def _spans(sizes: tuple[int, ...]) -> list[tuple[int, int]]:
     """[(start, end)] of consecutive blocks of these sizes."""
     return [(e - n, e) for n, e in zip(sizes, accumulate(sizes), strict=True)]
@@ -211,7 +246,8 @@ def _spans(sizes: tuple[int, ...]) -> list[tuple[int, int]]:
 
 def _fusable(linears: list[nn.Module]) -> bool:
     """Whether `fuse_inputs` can take these: all bias-free DecodeLinears, or all
-    bias-free Int8Linears of one backend and dtypes, on one device, of one in_features."""
+    bias-free Int8Linears of one backend and dtypes, of one in_features; all on the CPU
+    (DecodeLinears in fp32)."""
     from lightlong.nn.quant import Int8Linear
 
     first = linears[0]
@@ -221,9 +257,10 @@ def _fusable(linears: list[nn.Module]) -> bool:
     ):
         return False
     if type(first) is DecodeLinear:
-        return len({(m.weight.dtype, m.weight.device) for m in linears}) == 1
+        return all(_laid_out_dtype(m.weight) for m in linears)
     return type(first) is Int8Linear and (
-        len({(m.backend, m.dtype, m.scales.dtype, m.weight.device) for m in linears}) == 1
+        first.weight.device.type == "cpu"
+        and len({(m.backend, m.dtype, m.scales.dtype, m.weight.device) for m in linears}) == 1
     )
 
 
@@ -235,20 +272,28 @@ def decode_layout(model: nn.Module) -> int:
     embedding reads the column-major weight as well), and lays the weights of each
     module's `FUSED_INPUTS` (projections of one input) side by side in one buffer.
 
-    Idempotent, and it repairs: DecodeLinears whose weights lost the layout (a deep copy,
-    `.to()`, a load with assign=True) are laid out again. int8 modules and the router are
-    left alone. Returns how many Linears it replaced."""
+    Only fp32 weights on the CPU are laid out (`_laid_out_dtype`): other dtypes and
+    devices keep their Linears; int8 groups (`lightlong.nn.quant`) on the CPU are fused.
+    The router is left alone. Idempotent, and it repairs: DecodeLinears whose weights lost
+    the layout (a deep copy, `.to()`, a load with assign=True) are laid out again.
+    Returns how many Linears it replaced."""
     from lightlong.nn.quant import QUANTIZED_OWNERS  # quant imports the modules that use this
 
     replaced = 0
     for owner in list(model.modules()):
         for name, child in list(owner.named_children()):
-            if type(child) is nn.Linear and (
-                isinstance(owner, QUANTIZED_OWNERS) or name == "lm_head"
+            if (
+                type(child) is nn.Linear
+                and (isinstance(owner, QUANTIZED_OWNERS) or name == "lm_head")
+                and _laid_out_dtype(child.weight)
             ):
                 setattr(owner, name, DecodeLinear.from_linear(child))
                 replaced += 1
-            elif type(child) is DecodeLinear and child.weight.stride(0) != 1:
+            elif (
+                type(child) is DecodeLinear
+                and _laid_out_dtype(child.weight)
+                and child.weight.stride(0) != 1
+            ):
                 child.weight.data = child.weight.data.t().contiguous().t()
         for names in getattr(owner, "FUSED_INPUTS", ()):
             group = [getattr(owner, n, None) for n in names]

@@ -157,6 +157,10 @@ class Int8Linear(nn.Module):
         wide = torch.promote_types(self.dtype, torch.float32)  # q · s exactly, then rounded
         return (self.weight.to(wide) * self.scales.to(wide)[:, None]).to(self.dtype)
 
+    def _apply(self, fn, recurse: bool = True):  # .to(), .cuda(): new tensors
+        self.group = None  # and the old buffers are not kept alive by the group
+        return super()._apply(fn, recurse)
+
     def train(self, mode: bool = True) -> Int8Linear:
         if mode:
             raise ValueError(
