@@ -377,3 +377,22 @@ def test_a_laid_out_expert_compiles_as_one_graph(threads):
         want = expert(x)
         got = torch.compile(expert, fullgraph=True, dynamic=False)(x)
     assert_close(got, want, 1e-5, "compiled laid-out expert")
+
+
+def test_quantizing_a_laid_out_model_frees_its_float_buffers(threads):
+    """quantize_int8 replaces every member of a group: the fp32 buffer is freed at once
+    (no module <-> group cycle left for the garbage collector)."""
+    import gc
+    import weakref
+
+    threads(2)
+    model = make(TINY)
+    decode_layout(model)
+    expert = model.model.layers[0].block_sparse_moe.experts[0]
+    buffer = weakref.ref(expert.w1.group.whole.weight)
+    gc.disable()
+    try:
+        quantize_int8(model)
+        assert buffer() is None
+    finally:
+        gc.enable()

@@ -281,6 +281,7 @@ def quantize_int8(
             if any(fnmatch.fnmatchcase(qualified, p) for p in patterns):
                 continue
             setattr(owner, name, Int8Linear.from_linear(child, backend=backend))
+            child.group = None  # a decode-layout group's buffer goes with its last member
             replaced += 1
     if not found:
         raise ValueError(
