@@ -18,7 +18,7 @@ from conftest import assert_close, make
 from torch import nn
 
 from lightlong import HybridConfig, HybridLM
-from lightlong.infer import Engine, HybridCache, SamplingParams
+from lightlong.infer import Engine, HybridCache, Runner, SamplingParams
 from lightlong.nn import DecodeLinear, Int8Linear, decode, decode_layout, quantize_int8
 from lightlong.nn.decode import MAX_ROWS, linear_group
 
@@ -68,8 +68,8 @@ def test_decode_linear_equals_linear(O, I, rows, bias, threads):
     ref_w = lin.weight.detach().clone()
     dec = DecodeLinear.from_linear(copy.deepcopy(lin))
     assert dec.weight.stride() == (1, O) and torch.equal(dec.weight, ref_w)
-    x = torch.randn(2, rows, I)[:, :rows]  # leading dims; one row each for rows=1
-    x = x[:1] if rows == 1 else x
+    x = torch.randn(1, rows, I + 3)[..., :I]  # leading dims, rows not contiguous
+    assert x.numel() // I == rows and (rows == 1 or not x.is_contiguous())  # MAX_ROWS: edge
     y = dec(x)
     assert y.shape == (*x.shape[:-1], O)
     assert_close(y, F.linear(x, ref_w, lin.bias), 1e-6, "DecodeLinear")
@@ -191,8 +191,11 @@ def test_checkpoint_of_a_laid_out_model(tmp_path, threads):
         assert torch.equal(p, q), name
 
 
-def test_runner_lays_out_the_model(threads):
+def test_runner_and_engine_lay_out_the_model(threads):
     threads(2)
+    alone = make(TINY)
+    Runner(alone, max_num_seqs=1)
+    assert isinstance(alone.model.layers[0].self_attn.qkv_proj, DecodeLinear)
     model = make(TINY)
     ref = copy.deepcopy(model)
     engine = Engine(model)
